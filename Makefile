@@ -8,6 +8,9 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test demo clean
 
+# Component make fragments (benchmarks, optional installs) live in mk/*.mk.
+-include mk/*.mk
+
 # CPU torch is pinned to the local 2.13.0 wheel on machines without CUDA; an unpinned torch
 # would pull the newest CUDA build (several GB).
 $(VENV)/.installed: pyproject.toml
