@@ -24,6 +24,13 @@ import msgspec
 
 PROTOCOL_VERSION = 1
 
+__all__ = [
+    "PROTOCOL_VERSION", "SpecMode", "Decision", "FinishReason", "Stage", "Slo",
+    "EngineHello", "PlannerWelcome", "RequestArrived", "RequestProgress", "IterationReport",
+    "RequestFinished", "RequestSnapshot", "Resync", "PrefillChunk", "DecodeEntry",
+    "AdmissionDecision", "Plan", "Message", "ProtocolError", "encode", "decode", "check_hello",
+]
+
 
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag_field="t"):
     """Base of every wire struct (not itself on the wire)."""
