@@ -1,0 +1,235 @@
+"""Attention over a paged KV cache for one ragged batch of prefill, decode and tree tokens.
+
+The batch is flat: `T` new tokens, sequence after sequence. Each sequence contributes
+`query_len` new tokens after `context_len` tokens already in the cache, and is one of:
+
+- a prefill chunk: causal among the new tokens (`tree_mask=None`, query_len >= 1);
+- a decode token: the same with query_len == 1;
+- a verify tree: `tree_mask [q, q]` bool, `mask[i, j]` true iff new token j is token i or an
+  ancestor of it; its positions are `context_len + depth` (see `AttentionBatch.positions`).
+
+All new tokens attend to the sequence's whole cached context. Their K/V are written to
+`new_slots` (default: the slots of positions `context_len .. context_len + query_len - 1`
+in the block table) before attention, so they are also keys for one another.
+
+Build the metadata once per forward; every layer reuses it:
+
+    batch = AttentionBatch.build([
+        SequenceInput(block_table=t0, context_len=0, query_len=37),              # prefill
+        SequenceInput(block_table=t1, context_len=120, query_len=1),             # decode
+        SequenceInput(block_table=t2, context_len=80, query_len=5, tree_mask=m), # verify tree
+    ], block_size=kv.block_size, device=kv.k.device)
+    hidden = model.forward(input_ids, batch.positions, batch, kv)    # [T, hidden]
+
+CPU (and CUDA without FlashInfer): torch SDPA with explicit boolean masks. Sequences are
+grouped so that padding stays small (decode tokens are not padded to a prefill chunk's
+length); each group gathers its keys from the cache with one index per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sglang_slo.engine.kv_cache import KVCache, blocks_needed
+
+
+@dataclass(slots=True)
+class SequenceInput:
+    """One sequence's share of a ragged batch."""
+
+    block_table: Sequence[int]
+    """Block ids of the sequence, covering its context (and new tokens if `new_slots` is None)."""
+    context_len: int
+    """Tokens of this sequence already in the cache (keys read from the block table)."""
+    query_len: int
+    """New tokens of this sequence in this forward (>= 1)."""
+    tree_mask: torch.Tensor | None = None
+    """`[query_len, query_len]` bool ancestor-or-self mask for a verify tree; None = causal."""
+    new_slots: Sequence[int] | None = None
+    """Slots that receive the new tokens' K/V; None = positions context_len.. in the table."""
+
+
+@dataclass(slots=True)
+class AttentionGroup:
+    """Sequences attended together as one padded SDPA call (built by AttentionBatch)."""
+
+    q_index: torch.Tensor     # [B, Q] int64, row of each padded query in the flat batch
+    k_slots: torch.Tensor     # [B, K] int64, cache slot of each padded key
+    mask: torch.Tensor | None  # [B, 1, Q, K] bool (True = attend); None = attend to all
+    out_rows: torch.Tensor    # [n] int64, rows of the flattened [B*Q] output that are real
+    flat_rows: torch.Tensor   # [n] int64, their rows in the flat batch
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """Attention metadata for one forward; see the module docstring."""
+
+    slot_mapping: torch.Tensor    # [T] int64, where each new token's K/V is written
+    positions: torch.Tensor       # [T] int64, natural positions (context + index, or + depth)
+    query_starts: list[int]       # per sequence, first row in the flat batch
+    query_lens: list[int]         # per sequence
+    context_lens: list[int]       # per sequence
+    groups: list[AttentionGroup]
+    identity_order: bool          # one group, no padding, rows in flat order
+
+    @property
+    def num_tokens(self) -> int:
+        """T, new tokens in the batch."""
+        return int(self.slot_mapping.numel())
+
+    @property
+    def last_rows(self) -> list[int]:
+        """Flat row of each sequence's last new token (where next-token logits come from)."""
+        return [s + n - 1 for s, n in zip(self.query_starts, self.query_lens)]
+
+    @classmethod
+    def build(cls, seqs: Sequence[SequenceInput], block_size: int,
+              device: str | torch.device = "cpu") -> AttentionBatch:
+        """Validate the sequences and precompute slots, positions, groups and masks."""
+        if not seqs:
+            raise ValueError("empty batch")
+        starts, slots, positions = [], [], []
+        t = 0
+        for i, s in enumerate(seqs):
+            q, c = s.query_len, s.context_len
+            if q < 1 or c < 0:
+                raise ValueError(f"sequence {i}: query_len {q} must be >= 1, context_len {c} >= 0")
+            if s.tree_mask is not None and tuple(s.tree_mask.shape) != (q, q):
+                raise ValueError(f"sequence {i}: tree_mask shape {tuple(s.tree_mask.shape)} "
+                                 f"!= ({q}, {q})")
+            covered = c if s.new_slots is not None else c + q
+            if blocks_needed(covered, block_size) > len(s.block_table):
+                raise ValueError(f"sequence {i}: {len(s.block_table)} blocks cannot hold "
+                                 f"{covered} tokens (block_size {block_size})")
+            if s.new_slots is not None:
+                if len(s.new_slots) != q:
+                    raise ValueError(f"sequence {i}: {len(s.new_slots)} new_slots for {q} tokens")
+                slots.append(torch.as_tensor(list(s.new_slots), dtype=torch.int64))
+            else:
+                slots.append(_table_slots(s.block_table, c, q, block_size))
+            if s.tree_mask is None:
+                positions.append(torch.arange(c, c + q))
+            else:
+                m = s.tree_mask.to(torch.bool).cpu()
+                if not bool(m.diagonal().all()):
+                    raise ValueError(f"sequence {i}: tree_mask must be true on the diagonal")
+                positions.append(c + m.sum(-1) - 1)  # depth = number of proper ancestors
+            starts.append(t)
+            t += q
+        slot_mapping = torch.cat(slots)
+        groups = [_build_group([seqs[j] for j in g], [starts[j] for j in g],
+                               [slots[j] for j in g], block_size, device)
+                  for g in _group_sequences(seqs)]
+        g0 = groups[0]
+        identity = (len(groups) == 1 and g0.out_rows.numel() == g0.q_index.numel() == t
+                    and bool((g0.flat_rows.cpu() == torch.arange(t)).all()))
+        return cls(slot_mapping=slot_mapping.to(device), positions=torch.cat(positions).to(device),
+                   query_starts=starts, query_lens=[s.query_len for s in seqs],
+                   context_lens=[s.context_len for s in seqs], groups=groups,
+                   identity_order=identity)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
+                    kv: KVCache, layer: int, scale: float) -> torch.Tensor:
+    """Write new K/V to the cache, then attend.
+
+    q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]. Returns [T, heads * head_dim].
+    """
+    kv.write(layer, batch.slot_mapping, k, v)
+    k_cache, v_cache = kv.layer_slots(layer)  # [slots, kv_heads, head_dim]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    gqa = num_heads != k.shape[1]
+    outs = []
+    for g in batch.groups:
+        qg = q[g.q_index].transpose(1, 2)              # [B, heads, Q, head_dim]
+        kg = k_cache[g.k_slots].transpose(1, 2)        # [B, kv_heads, K, head_dim]
+        vg = v_cache[g.k_slots].transpose(1, 2)
+        og = F.scaled_dot_product_attention(qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=g.mask,
+                                            scale=scale, enable_gqa=gqa)
+        # [B, heads, Q, head_dim] -> [B*Q, heads*head_dim]
+        outs.append(og.transpose(1, 2).reshape(-1, num_heads * head_dim))
+    if batch.identity_order:
+        return outs[0]
+    out = q.new_empty(q.shape[0], num_heads * head_dim)
+    for g, og in zip(batch.groups, outs):
+        out.index_copy_(0, g.flat_rows, og.index_select(0, g.out_rows))
+    return out
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Plain causal attention without a cache (training, reference checks).
+
+    q: [B, L, heads, head_dim]; k, v: [B, L, kv_heads, head_dim]. Returns [B, L, heads*head_dim].
+    """
+    b, n, h, d = q.shape
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, scale=scale, enable_gqa=h != k.shape[2])
+    return o.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _table_slots(table: Sequence[int], start: int, n: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(start, start + n)
+    return torch.as_tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
+
+
+def _group_sequences(seqs: Sequence[SequenceInput]) -> list[list[int]]:
+    """Split sequences into groups whose padded [Q x K] area stays near the real one.
+
+    Greedy over sequences sorted by (query_len, keys): a sequence joins the current group
+    while padded area <= 1.5 x real area + 4096 (small groups are cheaper merged than split).
+    """
+    order = sorted(range(len(seqs)), key=lambda i: (seqs[i].query_len,
+                                                    seqs[i].context_len + seqs[i].query_len))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    real = max_q = max_k = 0
+    for i in order:
+        q, kk = seqs[i].query_len, seqs[i].context_len + seqs[i].query_len
+        n_q, n_k, n_real = max(max_q, q), max(max_k, kk), real + q * kk
+        if cur and (len(cur) + 1) * n_q * n_k > 1.5 * n_real + 4096:
+            groups.append(cur)
+            cur, real, max_q, max_k = [], 0, 0, 0
+            n_q, n_k, n_real = q, kk, q * kk
+        cur.append(i)
+        real, max_q, max_k = n_real, n_q, n_k
+    groups.append(cur)
+    return groups
+
+
+def _build_group(seqs: list[SequenceInput], starts: list[int], new_slots: list[torch.Tensor],
+                 block_size: int, device: str | torch.device) -> AttentionGroup:
+    b = len(seqs)
+    q_lens = torch.tensor([s.query_len for s in seqs])
+    ctx = torch.tensor([s.context_len for s in seqs])
+    n_q, n_k = int(q_lens.max()), int((ctx + q_lens).max())
+    # Keys: context positions from the block tables, then the new tokens' slots.
+    max_blocks = max(blocks_needed(n_k, block_size), 1)
+    tables = torch.zeros(b, max_blocks, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        m = min(len(s.block_table), max_blocks)
+        tables[i, :m] = torch.as_tensor(list(s.block_table[:m]), dtype=torch.int64)
+    kpos = torch.arange(n_k)
+    k_slots = tables[:, kpos // block_size] * block_size + kpos % block_size   # [B, K]
+    for i, s in enumerate(seqs):
+        if s.new_slots is not None:
+            k_slots[i, s.context_len:s.context_len + s.query_len] = new_slots[i]
+    # Causal rule: query i of a sequence sees keys up to context + i (pads never seen by
+    # real queries; padded queries see something, so no row is all-masked -> no NaN).
+    qpos = torch.arange(n_q)
+    mask = kpos[None, None, :] <= (ctx[:, None, None] + qpos[None, :, None])  # [B, Q, K]
+    for i, s in enumerate(seqs):
+        if s.tree_mask is not None:
+            c, q = s.context_len, s.query_len
+            mask[i, :q, c:c + q] = s.tree_mask.to(torch.bool).cpu()
+    q_index = torch.as_tensor(starts)[:, None] + torch.minimum(qpos[None, :], q_lens[:, None] - 1)
+    valid = qpos[None, :] < q_lens[:, None]                                    # [B, Q]
+    out_rows = valid.reshape(-1).nonzero().squeeze(1)
+    flat_rows = q_index.reshape(-1)[out_rows]
+    return AttentionGroup(q_index=q_index.to(device), k_slots=k_slots.to(device),
+                          mask=None if bool(mask.all()) else mask[:, None].to(device),
+                          out_rows=out_rows.to(device), flat_rows=flat_rows.to(device))
