@@ -15,14 +15,15 @@ Where an SLO comes from, lowest precedence first (SGLang's `apply_header_overrid
 `CustomParamValue`), so per-stage values are flattened into `<stage>_<field>` keys:
 
     {"class": "reasoning", "think_tpot_ms": 30, "answer_tpot_ms": 120}
-    {"class": "tool-call", "session": "agent-7", "stage": "final"}
+    {"class": "tool-call", "session": "agent-7"}   (then "tool-final" for the loop's answer)
     {"ttft_ms": 300, "tpot_ms": 40}
 
 Multi-stage: a class lists stages in order; a stage with an `end_marker` (reasoning's
 `</think>`) hands over to the next stage when that text is generated. A request starts in the
 stage named by `slo.stage` (default: the first) and its `Slo.stages` lists that stage and the
-ones reached through markers after it; tool-call loops pick `"stage": "call"` for intermediate
-calls and `"stage": "final"` for the last one and share one `session` id.
+ones reached through markers after it. Tool-calling agent loops send their intermediate calls
+as class `tool-call` and the final answer as `tool-final`, all with one `session` id (the
+planner groups them; the engine reuses their shared prefix).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ MAX_TPOT_S = 60.0  # seconds per token
 MAX_STAGE_TOKENS = 1_000_000
 MAX_PRIORITY = 2**31 - 1
 FALLBACK_SLO = Slo(ttft_s=30.0, tpot_s=1.0, slo_class="default")  # no catalog, no annotation
+
+DEFAULT_STAGE_MARKER = "</think>"  # ends a stage whose spec names no end_marker (not the last)
+DEFAULT_STAGE_NAMES = {2: ["think", "answer"]}  # unnamed stages; otherwise stage0, stage1, ...
 
 HEADER_TTFT = "x-slo-ttft-ms"
 HEADER_TPOT = "x-slo-tpot-ms"
@@ -62,7 +66,7 @@ class SloError(ValueError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage of a class (reasoning: think, answer; tool-call: call, final)."""
+    """One stage of a class (reasoning: think, then answer)."""
 
     name: str
     tpot_s: float
@@ -108,11 +112,25 @@ class SloCatalog:
             raise SloError(field_name, f"unknown SLO class {name!r} (known: {known})") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> SloCatalog:
-        """Read a YAML file (see `from_mapping` for the accepted shape)."""
-        with open(path) as f:
-            data = yaml.safe_load(f)
-        return cls.from_mapping(data or {}, source=str(path))
+    def load(cls, path: str | Path, unloaded_tpot_s: float | None = None, default: str = "chat") -> SloCatalog:
+        """Read the project's class file (`eval.slo_classes` format: seconds, unnamed stages).
+
+        `unloaded_tpot_s` rescales every class for a slow engine (CPU tiny model) with
+        `eval.slo_classes.scale_for_unloaded_tpot`. `default` is the class of un-annotated
+        requests ('' or a missing class = `FALLBACK_SLO`).
+        """
+        import msgspec
+
+        from eval.slo_classes import load_slo_classes, scale_for_unloaded_tpot
+
+        try:
+            classes = load_slo_classes(path)
+            if unloaded_tpot_s:
+                classes = scale_for_unloaded_tpot(classes, unloaded_tpot_s)
+        except ValueError as e:
+            raise SloError(str(path), str(e)) from None
+        data = {name: msgspec.to_builtins(c) for name, c in classes.items()}
+        return cls.from_mapping({"classes": data, "default": default if default in data else ""}, source=str(path))
 
     @classmethod
     def from_mapping(cls, data: Mapping, source: str = "slo classes") -> SloCatalog:
@@ -120,7 +138,9 @@ class SloCatalog:
 
         spec: `ttft_ms|ttft_s`, `tpot_ms|tpot_s`, optional `priority`, `best_effort`, and
         `stages: [{name, tpot_ms|tpot_s, ttft_ms|ttft_s, tokens, end_marker}]` (a list, or a
-        mapping name -> stage spec in order).
+        mapping name -> stage spec in order). Unnamed stages are think/answer when there are
+        two, else stage0, stage1, ...; every stage but the last ends at `end_marker`
+        (default `</think>`). Other keys (e.g. `cpu_tpot_multiplier`) are ignored.
         """
         if not isinstance(data, Mapping):
             raise SloError(source, "must be a mapping of class name -> spec")
@@ -323,13 +343,13 @@ def _seconds(spec: Mapping, key: str, where: str, max_s: float, required: bool, 
     return 0.0
 
 
-def _stage_from_spec(spec: Mapping, where: str, name: str) -> StageSpec:
+def _stage_from_spec(spec: Mapping, where: str, name: str, last: bool) -> StageSpec:
     return StageSpec(
         name=name,
         tpot_s=_seconds(spec, "tpot", where, MAX_TPOT_S, required=True),
         ttft_s=_seconds(spec, "ttft", where, MAX_TTFT_S, required=False, allow_zero=True),
         tokens=_count(spec.get("tokens", 0), f"{where}.tokens"),
-        end_marker=str(spec.get("end_marker", "") or ""),
+        end_marker="" if last else str(spec.get("end_marker", DEFAULT_STAGE_MARKER) or ""),
     )
 
 
@@ -337,8 +357,11 @@ def _class_from_spec(name: str, spec: Mapping, where: str) -> SloClass:
     raw_stages = spec.get("stages") or []
     if isinstance(raw_stages, Mapping):
         raw_stages = [{"name": k, **(v or {})} for k, v in raw_stages.items()]
+    n = len(raw_stages)
+    default_names = DEFAULT_STAGE_NAMES.get(n, [f"stage{i}" for i in range(n)])
     stages = tuple(
-        _stage_from_spec(s, f"{where}.stages[{i}]", str(s.get("name", f"stage{i}"))) for i, s in enumerate(raw_stages)
+        _stage_from_spec(s, f"{where}.stages[{i}]", str(s.get("name", default_names[i])), last=i == n - 1)
+        for i, s in enumerate(raw_stages)
     )
     if "tpot_ms" in spec or "tpot_s" in spec or not stages:
         tpot_s = _seconds(spec, "tpot", where, MAX_TPOT_S, required=True)

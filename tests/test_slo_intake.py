@@ -24,7 +24,7 @@ CATALOG = SloCatalog.from_mapping(
                 ],
             },
             "tool-call": {
-                "stages": {"call": {"ttft_ms": 300, "tpot_ms": 30}, "final": {"ttft_ms": 1000, "tpot_ms": 100}},
+                "stages": {"call": {"ttft_ms": 300, "tpot_ms": 30, "end_marker": ""}, "final": {"ttft_ms": 1000, "tpot_ms": 100}},
             },
         },
     }
@@ -112,6 +112,18 @@ def test_bad_shapes_headers_and_priority():
     assert e.value.field == "priority"
     with pytest.raises(SloError, match="sampling_params.custom_params.slo.ttft_ms"):
         parse_slo({"slo": {"ttft_ms": -1}}, where="sampling_params.custom_params")
+
+
+def test_project_class_file_loads_and_scales():
+    cat = SloCatalog.load("configs/slo_classes.yaml")
+    assert {"coding", "chat", "summarization", "tool-call", "reasoning", "batch"} <= set(cat.classes)
+    r = parse_slo({"slo": {"class": "reasoning"}}, catalog=cat)
+    assert len(r.slo.stages) == 2 and r.stage_markers == ("</think>",)
+    assert parse_slo(None, catalog=cat).slo.slo_class == "chat"
+    slow = SloCatalog.load("configs/slo_classes.yaml", unloaded_tpot_s=0.01)
+    assert slow.classes["coding"].tpot_s == pytest.approx(0.012)
+    r = parse_slo({"slo": {"class": "reasoning", "answer_tpot_ms": 500}}, catalog=slow)
+    assert r.slo.stages[1].tpot_s == 0.5
 
 
 def test_catalog_validation_names_the_class():
