@@ -1,0 +1,52 @@
+"""`python -m sidecar --endpoint ipc://... --policy NAME --hardware configs/hardware/X.yaml`"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from sidecar.planner import Planner
+from sidecar.policies.base import policy_names
+from sidecar.proc import PlannerProc
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sidecar", description="SLO planner sidecar (ZMQ ROUTER)")
+    p.add_argument("--endpoint", required=True, help="ZMQ endpoint to bind, e.g. ipc:///tmp/planner.sock or tcp://127.0.0.1:5555")
+    p.add_argument("--policy", default="fcfs", help=f"policy name: {', '.join(policy_names())}")
+    p.add_argument("--hardware", required=True, help="hardware profile YAML (configs/hardware/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy config override (VALUE parsed as YAML), repeatable")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        planner = Planner.create(args.policy, args.hardware, **parse_overrides(args.overrides))
+    except (ValueError, TypeError) as e:
+        print(f"sidecar: {e}", file=sys.stderr)
+        return 2
+    proc = PlannerProc(args.endpoint, planner, args.policy)
+    proc.install_signal_handlers()
+    print(f"sidecar: {args.policy} on {planner.profile.name} listening at {proc.endpoint}", flush=True)
+    return proc.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

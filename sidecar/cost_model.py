@@ -1,0 +1,396 @@
+"""Iteration-time model of an engine: how long one forward (draft steps + verify) takes.
+
+Form (roofline-ish, piecewise linear in the batch's token count n = prefill + verify tokens):
+
+    t = scale * ( base_s
+                  + k_tok_s * n + k_knee_s * max(0, n - knee_tokens)    # GEMMs: flat, then compute-bound
+                  + k_ctx_s * context_tokens                           # KV reads (attention)
+                  + k_pf2_s * prefill_tokens**2                        # causal prefill attention
+                  + draft_steps * d_step_s + k_dtok_s * draft_tokens ) # drafter
+
+All coefficients are seconds (per token, per token^2, per step). `fit()` recovers them by
+least squares (grid search over the knee); `observe()` refits online: a robust EWMA scale
+factor on measured/predicted time, plus a windowed least-squares refit that replaces the
+coefficients only when it predicts the window better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from protos import messages as protos
+
+_INF_TOKENS = 1 << 30  # "no limit" answer of max_tokens_within when tokens cost nothing
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an engine can execute (from `EngineHello`, or a hardware profile before it)."""
+
+    kv_capacity_tokens: int
+    """Total KV cache slots of the target model (tokens)."""
+    max_batch_tokens: int
+    """Most tokens one forward may carry (prefill + verify)."""
+    max_depth: int
+    """Deepest draft the engine can run (0 = no speculation)."""
+    max_width: int
+    """Widest beam per tree level (1 = chains only)."""
+    depth_tiers: tuple[int, ...] = ()
+    """If non-empty, the only speculation depths the engine can run."""
+    kv_block_tokens: int = 16
+    """Tokens per KV block (allocation granularity)."""
+
+    def __post_init__(self):
+        if self.kv_capacity_tokens <= 0 or self.max_batch_tokens <= 0:
+            raise ValueError("kv_capacity_tokens and max_batch_tokens must be positive")
+        if self.max_depth < 0 or self.max_width < 1 or self.kv_block_tokens < 1:
+            raise ValueError("need max_depth >= 0, max_width >= 1, kv_block_tokens >= 1")
+        object.__setattr__(self, "depth_tiers", tuple(sorted(int(d) for d in self.depth_tiers)))
+
+    @classmethod
+    def from_hello(cls, hello: protos.EngineHello) -> "EngineLimits":
+        return cls(
+            kv_capacity_tokens=hello.kv_capacity_tokens,
+            max_batch_tokens=hello.max_batch_tokens,
+            max_depth=hello.max_depth,
+            max_width=max(1, hello.max_width),
+            depth_tiers=tuple(hello.depth_tiers),
+            kv_block_tokens=max(1, hello.kv_block_tokens),
+        )
+
+
+# Names of the coefficients, in feature order (knee_tokens is not a linear coefficient).
+COEFS = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s")
+
+
+@dataclass
+class CostModel:
+    """Predicts one engine iteration's wall time (seconds); see the module docstring."""
+
+    base_s: float = 0.0
+    """Fixed time per iteration: weight reads + launch/scheduler overhead, seconds."""
+    k_tok_s: float = 0.0
+    """Seconds per batch token below the knee (memory-bound slope)."""
+    k_knee_s: float = 0.0
+    """Extra seconds per batch token above the knee (compute-bound slope minus k_tok_s)."""
+    knee_tokens: int = 0
+    """Batch size (tokens) where GEMMs turn compute-bound."""
+    k_ctx_s: float = 0.0
+    """Seconds per KV-context token attended (summed over the batch's requests)."""
+    k_pf2_s: float = 0.0
+    """Seconds per prefill_tokens^2 (causal attention inside the prefill chunk)."""
+    d_step_s: float = 0.0
+    """Seconds per sequential draft step (fixed part of one drafter forward)."""
+    k_dtok_s: float = 0.0
+    """Seconds per draft token (summed over all draft steps)."""
+    scale: float = 1.0
+    """Online multiplicative correction (measured / predicted, EWMA)."""
+    ewma: float = 0.05
+    """Weight of one new observation in the scale EWMA."""
+    window: int = 512
+    """Observations kept for the windowed refit."""
+    refit_every: int = 128
+    """Refit from the window after this many new observations (0 = never)."""
+    _samples: deque = field(default_factory=lambda: deque(maxlen=512), repr=False)
+    _since_refit: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        if self.window != self._samples.maxlen:
+            self._samples = deque(self._samples, maxlen=self.window)
+
+    # ---- prediction -------------------------------------------------------------------
+
+    def iteration_time(
+        self,
+        prefill_tokens: int,
+        verify_tokens: int,
+        draft_steps: int,
+        context_tokens: int,
+        draft_tokens: int = 0,
+    ) -> float:
+        """Seconds for one engine iteration: `draft_steps` drafter steps then one target forward."""
+        n = prefill_tokens + verify_tokens
+        over = n - self.knee_tokens
+        t = (
+            self.base_s
+            + self.k_tok_s * n
+            + (self.k_knee_s * over if over > 0 else 0.0)
+            + self.k_ctx_s * context_tokens
+            + self.k_pf2_s * prefill_tokens * prefill_tokens
+            + self.d_step_s * draft_steps
+            + self.k_dtok_s * draft_tokens
+        )
+        return self.scale * t
+
+    def max_tokens_within(
+        self, seconds: float, draft_steps: int = 0, context_tokens: int = 0, draft_tokens: int = 0
+    ) -> int:
+        """Most batch tokens (prefill + verify) whose iteration fits in `seconds`.
+
+        Treats all tokens as verify tokens (the prefill^2 term is ignored: an upper bound
+        when the batch carries a prefill chunk).
+        """
+        left = seconds / self.scale - (
+            self.base_s
+            + self.k_ctx_s * context_tokens
+            + self.d_step_s * draft_steps
+            + self.k_dtok_s * draft_tokens
+        )
+        if left < 0:
+            return 0
+        lo = self.k_tok_s
+        at_knee = lo * self.knee_tokens
+        if left <= at_knee:  # below the knee (lo > 0 here, else at_knee == 0 < left)
+            return int(left / lo)
+        hi = lo + self.k_knee_s
+        if hi <= 0:
+            return _INF_TOKENS
+        return min(_INF_TOKENS, int(self.knee_tokens + (left - at_knee) / hi))
+
+    # ---- online refit -----------------------------------------------------------------
+
+    def observe(self, report: protos.IterationReport) -> None:
+        """Update the model from one measured iteration (robust to outliers)."""
+        measured = report.end_s - report.start_s
+        if report.forward_s > 0 and not measured > 0:
+            measured = report.forward_s
+        if not (measured > 0 and math.isfinite(measured)):
+            return
+        row = (
+            report.prefill_tokens,
+            report.verify_tokens,
+            report.draft_steps,
+            report.context_tokens,
+            _draft_tokens_of(report),
+            measured,
+        )
+        base = self.iteration_time(*row[:5]) / self.scale
+        if base > 0:
+            ratio = min(4.0, max(0.25, measured / base))  # clip: one stall must not swing it
+            self.scale = (1 - self.ewma) * self.scale + self.ewma * ratio
+        self._samples.append(row)
+        self._since_refit += 1
+        if self.refit_every and self._since_refit >= self.refit_every:
+            self._since_refit = 0
+            self._refit_from_window()
+
+    def _refit_from_window(self) -> None:
+        rows = np.asarray(self._samples, dtype=np.float64)
+        if len(rows) < 32 or np.ptp(rows[:, 0] + rows[:, 1]) <= 0:
+            return  # not enough spread in batch size to identify slopes
+        try:
+            new = CostModel.fit(rows, knee_grid=_knee_grid(rows, self.knee_tokens))
+        except ValueError:
+            return
+        if _rmse(new, rows) < _rmse(self, rows):
+            for name in COEFS:
+                setattr(self, name, getattr(new, name))
+            self.knee_tokens = new.knee_tokens
+            self.scale = 1.0
+
+    # ---- fitting ----------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        samples: Iterable[Sequence[float]],
+        knee_grid: Sequence[int] | None = None,
+        fixed: Mapping[str, float] | None = None,
+        **settings: Any,
+    ) -> "CostModel":
+        """Least-squares fit from rows (prefill, verify, draft_steps, context, draft_tokens, seconds).
+
+        Residuals are relative (weighted by 1/seconds). The knee is chosen from `knee_grid`
+        (default: a grid over the observed batch sizes) by residual; coefficients are kept non-negative (a negative one is dropped and the rest
+        refit). `fixed` pins some coefficients (e.g. k_ctx_s from a roofline) and fits the rest.
+        """
+        rows = np.asarray(list(samples) if not isinstance(samples, np.ndarray) else samples, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != 6 or len(rows) < 2:
+            raise ValueError("fit needs >= 2 rows of (prefill, verify, draft_steps, context, draft_tokens, seconds)")
+        if not np.all(np.isfinite(rows)) or np.any(rows < 0):
+            raise ValueError("fit samples must be finite and non-negative")
+        fixed = dict(fixed or {})
+        unknown = set(fixed) - set(COEFS) - {"knee_tokens"}
+        if unknown:
+            raise ValueError(f"unknown fixed coefficients: {sorted(unknown)}")
+        if "knee_tokens" in fixed:
+            knee_grid = [int(fixed.pop("knee_tokens"))]
+        elif knee_grid is None:
+            knee_grid = _knee_grid(rows, 0)
+        best: tuple[float, dict[str, float], int] | None = None
+        for knee in knee_grid:
+            coefs, sse = _nnls_fit(rows, int(knee), fixed)
+            if best is None or sse < best[0] - 1e-15:
+                best = (sse, coefs, int(knee))
+        assert best is not None
+        return cls(**best[1], knee_tokens=best[2], **settings)
+
+    def coefficients(self) -> dict[str, float]:
+        """The fitted pieces (seconds) and knee, e.g. for a profile YAML."""
+        out = {name: getattr(self, name) for name in COEFS}
+        out["knee_tokens"] = self.knee_tokens
+        return out
+
+
+def _draft_tokens_of(report: protos.IterationReport) -> int:
+    # Reports carry verify tokens, not draft tokens; every verified draft token was drafted
+    # once (non-root verify tokens), which is the best estimate available on the wire.
+    if report.draft_steps <= 0:
+        return 0
+    return sum(p.verified for p in report.progress)
+
+
+def _features(rows: np.ndarray, knee: int) -> np.ndarray:
+    prefill, verify, steps, ctx, dtok = (rows[:, i] for i in range(5))
+    n = prefill + verify
+    return np.stack(
+        [np.ones_like(n), n, np.maximum(0.0, n - knee), ctx, prefill * prefill, steps, dtok], axis=1
+    )  # [rows, len(COEFS)]
+
+
+def _nnls_fit(rows: np.ndarray, knee: int, fixed: Mapping[str, float]) -> tuple[dict[str, float], float]:
+    """Non-negative least squares by an active-set loop (few features; exact enough here)."""
+    X = _features(rows, knee)
+    y = rows[:, 5].copy()
+    # Relative residuals: a 1 ms error matters at 8 ms, not at 200 ms.
+    w = 1.0 / np.maximum(y, 1e-4)
+    coefs = {name: 0.0 for name in COEFS}
+    for name, value in fixed.items():
+        coefs[name] = float(value)
+        y -= X[:, COEFS.index(name)] * float(value)
+    X, y = X * w[:, None], y * w
+    free = [i for i, name in enumerate(COEFS) if name not in fixed and np.any(X[:, i] != 0)]
+    # Column scaling keeps lstsq well conditioned (features span 1 .. 1e10).
+    while free:
+        A = X[:, free]
+        norms = np.linalg.norm(A, axis=0)
+        norms[norms == 0] = 1.0
+        sol = np.linalg.lstsq(A / norms, y, rcond=None)[0] / norms
+        if np.all(sol >= -1e-15):
+            for i, v in zip(free, sol):
+                coefs[COEFS[i]] = max(0.0, float(v))
+            break
+        free.pop(int(np.argmin(sol)))  # drop the most negative and refit
+    resid = y - X @ np.array([coefs[n] if n not in fixed else 0.0 for n in COEFS])
+    return coefs, float(resid @ resid)
+
+
+def _knee_grid(rows: np.ndarray, current: int) -> list[int]:
+    n = rows[:, 0] + rows[:, 1]
+    lo, hi = float(n.min()), float(n.max())
+    grid = {0, int(current)} | {int(v) for v in np.unique(n)}
+    grid |= {int(v) for v in np.geomspace(max(1.0, lo), max(2.0, hi), 24)}
+    return sorted(k for k in grid if k <= hi)
+
+
+def _rmse(model: CostModel, rows: np.ndarray) -> float:
+    pred = np.array([model.iteration_time(*map(int, r[:5])) for r in rows])
+    return float(np.sqrt(np.mean((pred - rows[:, 5]) ** 2)))
+
+
+# ----------------------------------------------------------------------------------------
+# Hardware profiles (configs/hardware/*.yaml)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HardwareProfile:
+    """One engine configuration on one kind of hardware: limits, cost model, priors."""
+
+    name: str
+    """Profile name, e.g. 'h100-llama3.1-8b-eagle3'."""
+    source: str
+    """Where the numbers come from (papers, tables, measurements)."""
+    engine: EngineLimits
+    """Limits assumed until the engine's `EngineHello` says otherwise."""
+    cost: CostModel
+    """Iteration-time model."""
+    acceptance_priors: dict[str, list[float]] = field(default_factory=dict)
+    """Per SLO class: per-position conditional acceptance alpha_j ('default' for unknown classes)."""
+    policy_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per policy name: config overrides suited to this hardware (e.g. fcfs chunk_size)."""
+
+
+_PROFILE_KEYS = {"name", "source", "engine", "cost", "samples", "acceptance", "policy_defaults"}
+_SAMPLE_COLS = ("prefill", "verify", "draft_steps", "context", "draft_tokens", "seconds")
+
+
+def load_profile(path: str | Path) -> HardwareProfile:
+    """Load a hardware profile YAML (schema: see configs/hardware/README.md or any profile).
+
+    `cost:` gives coefficients directly; `samples:` (rows or dicts with the columns
+    prefill, verify, draft_steps, context, draft_tokens, seconds) are fit by least squares
+    with the `cost:` values held fixed. Raises ValueError with the file name on bad input.
+    """
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"hardware profile {path}: cannot read: {e}") from None
+    try:
+        return profile_from_dict(doc)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"hardware profile {path}: {e}") from None
+
+
+def profile_from_dict(doc: Any) -> HardwareProfile:
+    if not isinstance(doc, dict):
+        raise ValueError("top level must be a mapping")
+    unknown = set(doc) - _PROFILE_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} (allowed: {sorted(_PROFILE_KEYS)})")
+    for key in ("name", "source", "engine"):
+        if key not in doc:
+            raise ValueError(f"missing '{key}'")
+    engine = EngineLimits(**{**doc["engine"], "depth_tiers": tuple(doc["engine"].get("depth_tiers", ()))})
+    cost_doc = dict(doc.get("cost") or {})
+    settings = {k: cost_doc.pop(k) for k in ("ewma", "window", "refit_every") if k in cost_doc}
+    allowed = set(COEFS) | {"knee_tokens"}
+    if set(cost_doc) - allowed:
+        raise ValueError(f"unknown cost keys {sorted(set(cost_doc) - allowed)} (allowed: {sorted(allowed)})")
+    samples = doc.get("samples")
+    if samples:
+        rows = [_sample_row(s) for s in samples]
+        cost = CostModel.fit(rows, fixed={k: float(v) for k, v in cost_doc.items()}, **settings)
+    elif cost_doc:
+        cost = CostModel(**{k: (int(v) if k == "knee_tokens" else float(v)) for k, v in cost_doc.items()}, **settings)
+    else:
+        raise ValueError("needs 'cost' coefficients and/or 'samples' to fit")
+    priors = {str(k): [float(a) for a in v] for k, v in (doc.get("acceptance") or {}).items()}
+    for cls_name, alphas in priors.items():
+        if not alphas or not all(0.0 <= a < 1.0 for a in alphas):
+            raise ValueError(f"acceptance '{cls_name}': need a non-empty list of alphas in [0, 1)")
+    return HardwareProfile(
+        name=str(doc["name"]),
+        source=str(doc["source"]),
+        engine=engine,
+        cost=cost,
+        acceptance_priors=priors,
+        policy_defaults={str(k): dict(v) for k, v in (doc.get("policy_defaults") or {}).items()},
+    )
+
+
+def _sample_row(s: Any) -> tuple[float, ...]:
+    if isinstance(s, dict):
+        if "seconds" not in s and "ms" not in s:
+            raise ValueError(f"sample {s} needs 'seconds' or 'ms'")
+        seconds = float(s["seconds"]) if "seconds" in s else float(s["ms"]) / 1e3
+        return tuple(float(s.get(c, 0)) for c in _SAMPLE_COLS[:5]) + (seconds,)
+    if len(s) != 6:
+        raise ValueError(f"sample row {s} must have 6 columns {_SAMPLE_COLS}")
+    return tuple(float(v) for v in s)
+
+
+def with_limits(profile: HardwareProfile, limits: EngineLimits) -> HardwareProfile:
+    """The same profile with the engine's own limits (after its hello)."""
+    return replace(profile, engine=limits)
+
+
+__all__ = ["EngineLimits", "CostModel", "HardwareProfile", "load_profile", "profile_from_dict", "with_limits"]

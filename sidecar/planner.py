@@ -1,0 +1,196 @@
+"""`Planner`: the pure core of the sidecar. `observe(msg)` updates state; `plan(now)` decides.
+
+No sockets, no clocks of its own (times come in as arguments), no I/O beyond logging.
+`PlannerProc` (proc.py) wraps it with the ZMQ loop; the simulator drives it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from protos import messages as protos
+from sidecar.acceptance import AcceptanceModel
+from sidecar.cost_model import CostModel, EngineLimits, HardwareProfile, load_profile
+from sidecar.policies.base import PlanContext, Policy, make_policy
+from sidecar.state import PlannerState, ReqState
+
+log = logging.getLogger(__name__)
+
+Decision = protos.Decision
+
+
+class Planner:
+    """State + cost model + acceptance model + one policy."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        profile: HardwareProfile,
+        horizon_iters: float = 4.0,
+        min_horizon_s: float = 0.005,
+    ):
+        """horizon_iters: a plan stays valid for this many predicted iterations after `now`
+        (at least `min_horizon_s` seconds)."""
+        self.policy = policy
+        self.profile = profile
+        self.cost: CostModel = profile.cost
+        self.acceptance = AcceptanceModel(profile.acceptance_priors)
+        self.state = PlannerState(limits=profile.engine)
+        self.horizon_iters = horizon_iters
+        self.min_horizon_s = min_horizon_s
+        self.skipped_unknown = 0
+        """Messages about rids the planner does not know (logged, skipped)."""
+        self._inflight: list[protos.Plan] = []
+        """Plans sent for steps the engine has not reported yet (pipelining)."""
+
+    @classmethod
+    def create(cls, policy: str, hardware: str | Path | HardwareProfile, **policy_overrides: Any) -> "Planner":
+        """Planner running policy `policy` (a make_policy name) on a hardware profile (path or object).
+
+        The profile's `policy_defaults[policy]` apply first; `policy_overrides` win."""
+        profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
+        options = {**profile.policy_defaults.get(policy, {}), **policy_overrides}
+        return cls(make_policy(policy, **options), profile)
+
+    # ---- events -----------------------------------------------------------------------
+
+    def observe(self, msg: protos.Message) -> None:
+        """Apply one engine message. Unknown rids are logged and skipped, never fatal."""
+        st = self.state
+        if isinstance(msg, protos.IterationReport):
+            self._observe_report(msg)
+        elif isinstance(msg, protos.RequestArrived):
+            if msg.rid in st.requests:
+                log.warning("planner: duplicate arrival of %r ignored", msg.rid)
+                return
+            st.add(msg)
+            self.acceptance.register(msg.rid, msg.slo.slo_class)
+            if msg.arrival_s > st.now_s:
+                st.now_s = msg.arrival_s
+        elif isinstance(msg, protos.RequestFinished):
+            if st.requests.pop(msg.rid, None) is None:
+                self._skip(msg.rid, "finished")
+            self.acceptance.forget(msg.rid)
+            if msg.finish_s > st.now_s:
+                st.now_s = msg.finish_s
+        elif isinstance(msg, protos.EngineHello):
+            st.limits = EngineLimits.from_hello(msg)
+            st.engine = msg.engine
+            st.spec_modes = tuple(msg.spec_modes) or (protos.SpecMode.NONE,)
+            st.kv_free_tokens = msg.kv_capacity_tokens
+        elif isinstance(msg, protos.Resync):
+            self._resync(msg)
+        else:
+            log.warning("planner: ignoring unexpected %s", type(msg).__name__)
+            return
+        self.policy.observe(msg)
+
+    def _observe_report(self, rep: protos.IterationReport) -> None:
+        st = self.state
+        st.step = rep.step
+        if rep.end_s > st.now_s:
+            st.now_s = rep.end_s
+        st.kv_free_tokens = rep.kv_free_tokens
+        st.last_report = rep
+        requests = st.requests
+        acceptance = self.acceptance
+        for p in rep.progress:
+            req = requests.get(p.rid)
+            if req is None:
+                self._skip(p.rid, "progress")
+                continue
+            req.apply_progress(p)
+            if p.depth > 0:
+                acceptance.observe(p.rid, req.slo.slo_class, p)
+        self.cost.observe(rep)
+        self._project_inflight(rep.step)
+
+    def _project_inflight(self, step: int) -> None:
+        """Count prefill chunks of plans for steps after `step` as done: the engine is running
+        them while we plan (pipelining), so planning from the report alone would schedule the
+        same prompt tokens twice. The next report replaces these projections with facts."""
+        self._inflight = [p for p in self._inflight if p.step > step]
+        requests = self.state.requests
+        for plan in self._inflight:
+            for c in plan.prefill:
+                req = requests.get(c.rid)
+                if req is not None and req.decision in (Decision.ADMIT, Decision.BEST_EFFORT):
+                    n = min(c.tokens, req.prompt_tokens - req.prefilled)
+                    if n > 0:
+                        req.prefilled += n
+                        self.state.kv_free_tokens -= n
+
+    def _resync(self, msg: protos.Resync) -> None:
+        st = PlannerState(limits=self.state.limits, engine=self.state.engine, spec_modes=self.state.spec_modes)
+        st.now_s, st.step, st.kv_free_tokens = msg.now_s, msg.step, msg.kv_free_tokens
+        self.acceptance.clear_requests()
+        for snap in msg.requests:
+            req = st.add(snap.arrived)
+            req.prefilled = max(req.prefilled, snap.prefilled)
+            req.decoded = snap.decoded
+            req.first_token_s = snap.first_token_s
+            req.stage = snap.stage
+            req.stage_starts = [0] + [snap.decoded] * snap.stage
+            req.decision = snap.decision
+            self.acceptance.register(req.rid, req.slo.slo_class)
+        self.state = st
+        self._inflight.clear()
+        self.policy.reset()
+
+    def _skip(self, rid: str, what: str) -> None:
+        self.skipped_unknown += 1
+        if self.skipped_unknown <= 10 or self.skipped_unknown % 1000 == 0:
+            log.warning("planner: %s for unknown request %r skipped (%d so far)", what, rid, self.skipped_unknown)
+
+    # ---- planning ---------------------------------------------------------------------
+
+    def plan(self, now_s: float, step: int | None = None) -> protos.Plan:
+        """The plan for engine step `step` (default: last reported step + 2, since the engine
+        is already running the next one). Stamps latency, based_on_step and valid_until_s,
+        and records the plan's admission decisions in the state."""
+        t_start = time.perf_counter()
+        st = self.state
+        if step is None:
+            step = st.step + 2
+        ctx = PlanContext(state=st, cost=self.cost, acceptance=self.acceptance, now_s=now_s, step=step)
+        plan = self.policy.plan(ctx)
+        self._apply_decisions(plan)
+        plan.step = step
+        plan.based_on_step = st.step
+        if plan.valid_until_s <= now_s:
+            plan.valid_until_s = now_s + self._horizon_s(plan)
+        self._inflight.append(plan)
+        if len(self._inflight) > 8:  # engine not reporting plan steps as expected: bound it
+            del self._inflight[0]
+        plan.plan_latency_s = time.perf_counter() - t_start
+        return plan
+
+    def _apply_decisions(self, plan: protos.Plan) -> None:
+        requests = self.state.requests
+        for d in plan.decisions:
+            req: ReqState | None = requests.get(d.rid)
+            if req is None:
+                continue
+            if d.decision == Decision.REJECT:
+                req.decision = Decision.REJECT  # the engine fails it; RequestFinished removes it
+            elif d.decision == Decision.PREEMPT:
+                req.decision = Decision.PREEMPT
+                req.prefilled = req.cached_prefix_tokens  # KV freed; prompt recomputed later
+            else:
+                req.decision = d.decision
+
+    def _horizon_s(self, plan: protos.Plan) -> float:
+        prefill = sum(c.tokens for c in plan.prefill)
+        verify = sum(e.tree_cap for e in plan.decode)
+        steps = max((e.depth for e in plan.decode), default=0)
+        ctx_tokens = 0
+        requests = self.state.requests
+        for e in plan.decode:
+            r = requests.get(e.rid)
+            if r is not None:
+                ctx_tokens += r.prefilled + r.decoded
+        t_iter = self.cost.iteration_time(prefill, min(verify, plan.token_budget), steps, ctx_tokens, verify - len(plan.decode))
+        return max(self.min_horizon_s, self.horizon_iters * t_iter)

@@ -1,0 +1,114 @@
+"""`PlannerProc`: the sidecar's I/O shell around a `Planner` (one ZMQ ROUTER, one loop).
+
+Loop: wait for frames; answer EngineHello with PlannerWelcome (refusing with a reason via
+`protos.messages.check_hello`); apply every other event to the planner; after an
+IterationReport (and after draining everything already queued, so the plan sees the newest
+state) send a Plan for step report.step + 2: the engine is already running step + 1.
+A Resync replaces the planner's state and is answered with a fresh plan too.
+Clean shutdown on SIGTERM/SIGINT (the loop polls with a short timeout and checks a flag).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+from protos import messages as protos
+from protos.channel import PlannerChannel
+from sidecar.planner import Planner
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 50  # how often the loop checks the stop flag while idle
+
+
+class PlannerProc:
+    """Owns the planner's socket and runs the event loop."""
+
+    def __init__(self, endpoint: str, planner: Planner, policy_name: str = ""):
+        self.planner = planner
+        self.policy_name = policy_name or planner.policy.name
+        self.channel = PlannerChannel(endpoint)
+        self.endpoint = self.channel.endpoint
+        self.engine_id: bytes | None = None
+        self._stop = False
+        self.plans_sent = 0
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to exit (signal-handler safe)."""
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> int:
+        """Serve until stop(); returns the process exit code."""
+        log.info("planner: policy=%s listening on %s", self.policy_name, self.endpoint)
+        try:
+            while not self._stop:
+                got = self.channel.recv(_POLL_MS)
+                if got is None:
+                    continue
+                self._handle_batch(got)
+        finally:
+            self.channel.close()
+            log.info("planner: stopped after %d plans", self.plans_sent)
+        return 0
+
+    def _handle_batch(self, first: tuple[bytes, protos.Message]) -> None:
+        """Apply `first` and everything already queued, then plan once if a report/resync came."""
+        replan_for: protos.IterationReport | protos.Resync | None = None
+        recv_t = time.monotonic()
+        got: tuple[bytes, protos.Message] | None = first
+        while got is not None:
+            engine_id, msg = got
+            if isinstance(msg, protos.EngineHello):
+                self._welcome(engine_id, msg)
+                replan_for = None
+            elif engine_id != self.engine_id:
+                log.warning("planner: %s from an engine without an accepted hello skipped", type(msg).__name__)
+            else:
+                try:
+                    self.planner.observe(msg)
+                except Exception:  # a bad message must cost one event, not the planner
+                    log.exception("planner: failed to apply %s; skipped", type(msg).__name__)
+                if isinstance(msg, (protos.IterationReport, protos.Resync)):
+                    replan_for, recv_t = msg, time.monotonic()
+            got = self.channel.recv(0)
+        if replan_for is not None and self.engine_id is not None:
+            self._send_plan(replan_for, recv_t)
+
+    def _welcome(self, engine_id: bytes, hello: protos.EngineHello) -> None:
+        reason = protos.check_hello(hello)
+        accepted = not reason
+        self.channel.send(
+            engine_id,
+            protos.PlannerWelcome(
+                protocol_version=protos.PROTOCOL_VERSION,
+                accepted=accepted,
+                policy=self.policy_name,
+                reason=reason,
+                config_hash=hello.config_hash,
+            ),
+        )
+        if accepted:
+            self.engine_id = engine_id
+            self.planner.observe(hello)
+            log.info("planner: engine %r (%s) connected, config %s", engine_id, hello.engine, hello.config_hash)
+        else:
+            log.warning("planner: refused engine %r: %s", engine_id, reason)
+
+    def _send_plan(self, basis: protos.IterationReport | protos.Resync, recv_t: float) -> None:
+        # Engine clock "now": the basis' time plus what elapsed here since it arrived
+        # (robust to a clock offset between processes).
+        base_s = basis.end_s if isinstance(basis, protos.IterationReport) else basis.now_s
+        now_s = base_s + (time.monotonic() - recv_t)
+        try:
+            plan = self.planner.plan(now_s, step=basis.step + 2 if isinstance(basis, protos.IterationReport) else basis.step + 1)
+        except Exception:
+            log.exception("planner: policy %s failed; no plan this step (engine falls back)", self.policy_name)
+            return
+        if self.channel.send(self.engine_id, plan):  # type: ignore[arg-type]
+            self.plans_sent += 1
