@@ -1,0 +1,175 @@
+"""`sglang-slo bench-planner`: plan latency per policy and the ZMQ round trip, as JSON.
+
+- Plan latency: for every policy `make_policy` can build, p50/p99 of `Planner.plan()` at
+  64, 256, 1024, 4096 active requests (random class mixes, see sidecar/synthetic.py), each
+  plan after a fresh IterationReport has been observed (observe time is reported apart).
+- Round trip: a real `python -m sidecar` subprocess on an ipc:// endpoint; the engine side
+  sends an IterationReport and waits for the Plan; p50/p99 of send -> plan received.
+Targets (design): slo_unified p99 <= 1 ms at 256 and <= 10 ms at 4096; round trip p99 <= 0.2 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from protos import messages as protos
+from protos.channel import EngineChannel, ipc_endpoint
+from sidecar.cost_model import load_profile
+from sidecar.planner import Planner
+from sidecar.policies.base import policy_names
+from sidecar.synthetic import next_report, random_mix
+
+DEFAULT_HARDWARE = "configs/hardware/h100-llama3.1-8b-eagle3.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE, help="hardware profile YAML")
+    p.add_argument("--policies", default="", help="comma-separated policy names (default: every buildable one)")
+    p.add_argument("--sizes", default="64,256,1024,4096", help="active request counts")
+    p.add_argument("--iters", type=int, default=200, help="timed plans per (policy, size); fewer at large sizes")
+    p.add_argument("--rt-iters", type=int, default=2000, help="round trips to time")
+    p.add_argument("--rt-requests", type=int, default=64, help="active requests during the round-trip test")
+    p.add_argument("--rt-policy", default="fcfs", help="policy of the round-trip sidecar")
+    p.add_argument("--no-roundtrip", action="store_true", help="skip the subprocess round-trip test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def _ms(xs: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(_pct(xs, 0.5) * 1e3, 4), "p99_ms": round(_pct(xs, 0.99) * 1e3, 4), "max_ms": round(max(xs) * 1e3, 4)}
+
+
+def bench_plan_latency(policy: str, hardware: str, n: int, iters: int, seed: int) -> dict:
+    profile = load_profile(hardware)
+    planner = Planner.create(policy, profile)
+    hello = protos.EngineHello(
+        protos.PROTOCOL_VERSION, "bench", [protos.SpecMode.CHAIN, protos.SpecMode.TREE],
+        profile.engine.max_batch_tokens, profile.engine.kv_capacity_tokens,
+        profile.engine.max_depth, profile.engine.max_width,
+    )
+    planner.observe(hello)
+    rng = random.Random(seed * 7919 + n)
+    arrivals, report = random_mix(rng, n, kv_capacity_tokens=profile.engine.kv_capacity_tokens)
+    for a in arrivals:
+        planner.observe(a)
+    planner.observe(report)
+    plan_s, observe_s, sizes = [], [], []
+    warmup = 5
+    for i in range(iters + warmup):
+        plan_t = time.perf_counter()
+        plan = planner.plan(report.end_s)
+        plan_t = time.perf_counter() - plan_t
+        report = next_report(report, plan)
+        obs_t = time.perf_counter()
+        planner.observe(report)
+        obs_t = time.perf_counter() - obs_t
+        if i >= warmup:
+            plan_s.append(plan_t)
+            observe_s.append(obs_t)
+            sizes.append(len(plan.decode) + len(plan.prefill))
+    return {"plan": _ms(plan_s), "observe": _ms(observe_s), "mean_plan_entries": round(sum(sizes) / len(sizes), 1)}
+
+
+def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int) -> dict:
+    endpoint = ipc_endpoint("bench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "--endpoint", endpoint, "--policy", policy,
+         "--hardware", hardware, "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    ch = EngineChannel(endpoint)
+    try:
+        proc.stdout.readline()  # "listening" line: the socket is bound
+        profile = load_profile(hardware)
+        hello = protos.EngineHello(
+            protos.PROTOCOL_VERSION, "bench", [protos.SpecMode.CHAIN], profile.engine.max_batch_tokens,
+            profile.engine.kv_capacity_tokens, profile.engine.max_depth, 1,
+        )
+        deadline = time.monotonic() + 10
+        while not ch.send(hello):
+            if time.monotonic() > deadline:
+                raise RuntimeError("sidecar did not accept a connection")
+            time.sleep(0.005)
+        welcome = ch.recv(5000)
+        if not isinstance(welcome, protos.PlannerWelcome) or not welcome.accepted:
+            raise RuntimeError(f"no welcome: {welcome}")
+        rng = random.Random(seed)
+        arrivals, report = random_mix(rng, n_requests, kv_capacity_tokens=profile.engine.kv_capacity_tokens)
+        for a in arrivals:
+            ch.send(a)
+        rtt, planner_s = [], []
+        plan = None
+        for i in range(iters + 20):
+            frame = protos.encode(report)  # encoded before timing: the engine's own cost
+            t0 = time.perf_counter()
+            ch.sock.send(frame)
+            plan = ch.recv(5000)
+            dt = time.perf_counter() - t0
+            if not isinstance(plan, protos.Plan):
+                raise RuntimeError(f"expected a plan, got {plan!r}")
+            if i >= 20:
+                rtt.append(dt)
+                planner_s.append(plan.plan_latency_s)
+            report = next_report(report, plan)
+        return {
+            "policy": policy,
+            "active_requests": n_requests,
+            "roundtrip": _ms(rtt),
+            "plan_inside": _ms(planner_s),
+            "report_bytes": len(protos.encode(report)),
+            "plan_bytes": len(protos.encode(plan)) if plan else 0,
+        }
+    finally:
+        ch.close()
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(args: argparse.Namespace) -> int:
+    wanted = [p for p in args.policies.split(",") if p] or policy_names()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    out: dict = {"hardware": args.hardware, "plan_latency": {}, "unavailable": {}}
+    for name in wanted:
+        try:
+            Planner.create(name, args.hardware)
+        except ValueError as e:
+            out["unavailable"][name] = str(e)
+            continue
+        out["plan_latency"][name] = {}
+        for n in sizes:
+            iters = max(20, args.iters * 256 // max(n, 256))
+            out["plan_latency"][name][str(n)] = bench_plan_latency(name, args.hardware, n, iters, args.seed)
+            if not args.json:
+                r = out["plan_latency"][name][str(n)]["plan"]
+                print(f"{name:12s} n={n:5d} plan p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms", flush=True)
+    if not args.no_roundtrip:
+        out["zmq_roundtrip"] = bench_roundtrip(args.hardware, args.rt_policy, args.rt_requests, args.rt_iters, args.seed)
+        if not args.json:
+            r = out["zmq_roundtrip"]["roundtrip"]
+            print(f"round trip ({args.rt_policy}, {args.rt_requests} req): p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms")
+    if args.json:
+        print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m sidecar.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
