@@ -1,0 +1,130 @@
+"""Runs the draft model for `spec.tree.build_trees`: the `draft_step` callback over a paged cache.
+
+Step 0 feeds each speculating request's pending tokens (committed tokens the draft cache
+lacks, ending with the root) causally and returns the root's next-token log-probs. Step
+s >= 1 feeds the frontier nodes (depth s) of every request in one batched forward.
+
+Draft cache layout of a request with N committed tokens (root at position N-1):
+
+    [ committed 0..N-1 | tree node 1 | tree node 2 | ... ]     node v at position N + v - 1
+
+`build_trees` numbers nodes level by level, so levels 1..d-1 (the ones ever fed) occupy
+positions N .. N + (d-1)*w - 1 (the scheduler reserves exactly that). A frontier node attends
+to the committed context and to its own ancestors only, which `AttentionBatch.build` cannot
+express (its context is all-visible), so tree steps build their attention group directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_slo.engine.attention import AttentionBatch, AttentionGroup, SequenceInput
+from sglang_slo.engine.block_tables import BlockTables
+from sglang_slo.engine.kv_cache import KVCache
+from sglang_slo.engine.model import LlamaForCausalLM
+from sglang_slo.engine.request import Request
+from sglang_slo.spec.tree import DraftTree, Frontier, build_trees
+
+
+class Drafter:
+    """Draft model + its paged cache; `build_trees()` runs all draft steps of an iteration."""
+
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, tables: BlockTables,
+                 device: str | torch.device = "cpu"):
+        self.model = model
+        self.kv = kv
+        self.tables = tables
+        self.device = torch.device(device)
+        self.block_size = kv.block_size
+
+    def build_trees(self, reqs: list[Request], depths: list[int], widths: list[int]
+                    ) -> tuple[list[DraftTree], int, int]:
+        """Candidate trees (beam search) for requests with depth >= 1.
+
+        Returns (trees aligned with `reqs`, draft steps run, draft tokens fed).
+        """
+        stats = [0, 0]  # steps, tokens
+
+        def draft_step(f: Frontier) -> torch.Tensor:
+            stats[0] += 1
+            if f.step == 0:
+                logp, n = self._catch_up([reqs[i] for i in f.request.tolist()])
+            else:
+                logp, n = self._tree_step(reqs, f)
+            stats[1] += n
+            return logp
+
+        roots = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long)
+        trees = build_trees(draft_step, roots, depths, widths)
+        return trees, stats[0], stats[1]
+
+    # ---- forwards ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _catch_up(self, reqs: list[Request]) -> tuple[torch.Tensor, int]:
+        """Feed every request's tokens missing from the draft cache; root log-probs [n, vocab]."""
+        seqs, ids = [], []
+        for r in reqs:
+            pending = r.all_ids[r.num_draft_computed:]
+            seqs.append(SequenceInput(self.tables.table(r.rid, draft=True), r.num_draft_computed, len(pending)))
+            ids += pending
+        batch = AttentionBatch.build(seqs, self.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
+        for r in reqs:
+            r.num_draft_computed = r.num_tokens
+        rows = torch.tensor(batch.last_rows, device=self.device)
+        return torch.log_softmax(self.model.logits(hidden[rows]), dim=-1), len(ids)
+
+    @torch.inference_mode()
+    def _tree_step(self, reqs: list[Request], f: Frontier) -> tuple[torch.Tensor, int]:
+        """Feed frontier nodes (rows grouped by request); their children's log-probs [F, vocab]."""
+        bs = self.block_size
+        req_idx, nodes = f.request.tolist(), f.node.tolist()
+        parents = f.tree_parents.tolist()
+        groups: dict[int, list[int]] = {}  # request index -> frontier rows (contiguous)
+        for row, r in enumerate(req_idx):
+            groups.setdefault(r, []).append(row)
+        order = list(groups)
+        q_max = max(len(rows) for rows in groups.values())
+        ctx = [reqs[r].num_tokens for r in order]  # committed tokens in the draft cache
+        n_keys = [c + max(nodes[row] for row in groups[r]) for c, r in zip(ctx, order)]
+        k_max = max(n_keys)
+        n_blocks = -(-k_max // bs)
+        tables = torch.zeros(len(order), n_blocks, dtype=torch.long)
+        for i, r in enumerate(order):
+            t = self.tables.table(reqs[r].rid, draft=True)[:n_blocks]
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        kpos = torch.arange(k_max)
+        k_slots = tables[:, kpos // bs] * bs + kpos % bs  # [B, K]
+        mask = torch.zeros(len(order), q_max, k_max, dtype=torch.bool)  # [B, Q, K]
+        slot_rows, q_index, lens = [], [], []
+        for i, r in enumerate(order):
+            c, rows = ctx[i], groups[r]
+            mask[i, :, :c] = True
+            lens.append(len(rows))
+            for j, row in enumerate(rows):
+                v = nodes[row]
+                slot_rows.append(int(k_slots[i, c + v - 1]))
+                while v > 0:  # ancestors-or-self among tree nodes (node v is key c + v - 1)
+                    mask[i, j, c + v - 1] = True
+                    v = parents[r][v]
+                q_index.append(row)
+            for j in range(len(rows), q_max):  # padded queries repeat the last real one
+                mask[i, j] = mask[i, len(rows) - 1]
+                q_index.append(rows[-1])
+        q_index_t = torch.tensor(q_index, dtype=torch.long).view(len(order), q_max)
+        valid = torch.arange(q_max)[None, :] < torch.tensor(lens)[:, None]  # [B, Q]
+        out_rows = valid.reshape(-1).nonzero().squeeze(1)
+        dev = self.device
+        group = AttentionGroup(q_index=q_index_t.to(dev), k_slots=k_slots.to(dev), mask=mask[:, None].to(dev),
+                               out_rows=out_rows.to(dev), flat_rows=q_index_t.reshape(-1)[out_rows].to(dev))
+        n = len(nodes)
+        ctx_of = dict(zip(order, ctx))
+        positions = torch.tensor([ctx_of[r] - 1 for r in req_idx]) + f.depth.cpu()  # N - 1 + depth
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slot_rows, dtype=torch.long, device=dev), positions=positions.to(dev),
+            query_starts=[groups[r][0] for r in order], query_lens=lens, context_lens=ctx, groups=[group],
+            identity_order=all(x == q_max for x in lens))
+        hidden = self.model.forward(f.tokens.to(dev), batch.positions, batch, self.kv)
+        return torch.log_softmax(self.model.logits(hidden), dim=-1), n

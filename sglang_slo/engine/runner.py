@@ -1,0 +1,232 @@
+"""Executes one scheduled batch: draft trees -> selection -> one ragged target forward ->
+verification -> KV commit/rollback in both caches.
+
+The target forward carries, in one ragged batch, every prefill chunk (causal), every plain
+decode (the root alone) and every verify tree (root + selected nodes, tree mask). Tree
+tokens are written to the request's next target positions in selection order; after
+verification the accepted path's K/V is moved to contiguous positions and blocks past the
+committed length are freed (rollback of the rest).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sglang_slo.engine.attention import AttentionBatch, SequenceInput
+from sglang_slo.engine.block_tables import BlockTables
+from sglang_slo.engine.drafter import Drafter
+from sglang_slo.engine.kv_cache import KVCache
+from sglang_slo.engine.model import LlamaForCausalLM
+from sglang_slo.engine.request import Request
+from sglang_slo.engine.sampling import make_generator
+from sglang_slo.engine.scheduler import DecodeWork, ScheduledBatch
+from sglang_slo.spec.select import TreeCandidates, select_trees
+from sglang_slo.spec.tree import DraftTree, ancestor_mask
+from sglang_slo.spec.verify import logits_to_probs, verify
+
+
+@dataclass
+class RequestResult:
+    """What one request got from one iteration."""
+
+    new_tokens: list[int] = field(default_factory=list)
+    prefill_tokens: int = 0
+    verified: int = 0
+    """Draft tokens verified (selected tree nodes, root excluded)."""
+    accepted: int = 0
+    depth: int = 0
+    """Depth of the verified tree."""
+    draft_conf: float = 0.0
+    """Mean draft probability over the accepted nodes."""
+    error: str = ""
+
+
+@dataclass
+class RunOutput:
+    results: dict[str, RequestResult] = field(default_factory=dict)
+    """By request id."""
+    forward_s: float = 0.0
+    """Draft + target model time (including verification), seconds."""
+    draft_s: float = 0.0
+    draft_steps: int = 0
+    draft_tokens: int = 0
+    verify_tokens: int = 0
+    """Decode + tree tokens in the target forward (roots included)."""
+    prefill_tokens: int = 0
+    context_tokens: int = 0
+    """Sum over sequences of keys attended (cached context + new tokens)."""
+
+
+@dataclass
+class _Verify:
+    """One decoding request's share of the target forward."""
+
+    work: DecodeWork
+    tokens: list[int]
+    """Tokens fed: root, then the selected tree nodes."""
+    tree: DraftTree | None = None
+    """Selected subtree (None = the root alone)."""
+    nodes: list[int] = field(default_factory=list)
+    """Candidate-tree index of each selected node (for the draft cache commit)."""
+
+
+class ModelRunner:
+    """Target model and cache (+ optional drafter); `run(batch)` executes one iteration."""
+
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, tables: BlockTables,
+                 drafter: Drafter | None = None, device: str | torch.device = "cpu",
+                 slo_order: str = "fewest_tokens"):
+        self.model = model
+        self.kv = kv
+        self.tables = tables
+        self.drafter = drafter
+        self.device = torch.device(device)
+        self.slo_order = slo_order
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> RunOutput:
+        out = RunOutput()
+        t0 = time.perf_counter()
+        verifies = self._draft_and_select(batch, out)
+        out.draft_s = time.perf_counter() - t0
+
+        # ---- one ragged target forward: prefill chunks, then decodes / verify trees ----
+        seqs, ids, rows = [], [], []  # rows: flat rows whose logits are needed
+        for p in batch.prefills:
+            r = p.req
+            start = len(ids)
+            seqs.append(SequenceInput(self.tables.table(r.rid), r.num_computed, p.num_tokens))
+            ids += r.all_ids[r.num_computed: r.num_computed + p.num_tokens]
+            if r.num_computed + p.num_tokens >= r.prefill_target and not r.output_ids:
+                rows.append(len(ids) - 1)  # prefill completes: sample the first token
+            out.prefill_tokens += p.num_tokens
+            out.context_tokens += r.num_computed + p.num_tokens
+        for v in verifies:
+            r, n = v.work.req, len(v.tokens)
+            mask = ancestor_mask(v.tree) if v.tree is not None and n > 1 else None
+            seqs.append(SequenceInput(self.tables.table(r.rid), r.num_computed, n, tree_mask=mask))
+            rows += range(len(ids), len(ids) + n)
+            ids += v.tokens
+            out.verify_tokens += n
+            out.context_tokens += r.num_computed + n
+        if not seqs:
+            return out
+        attn = AttentionBatch.build(seqs, self.kv.block_size, self.device)
+        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.device),
+                                    attn.positions, attn, self.kv)
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])  # [R, vocab]
+        finite = torch.isfinite(logits).all(-1).tolist()  # [R]
+        argmax = logits.argmax(-1).tolist()  # [R]
+
+        # ---- verification and commit -----------------------------------------------
+        o = 0
+        for p in batch.prefills:
+            r = p.req
+            res = out.results.setdefault(r.rid, RequestResult())
+            res.prefill_tokens = p.num_tokens
+            r.num_computed += p.num_tokens
+            if not r.is_prefilling and not r.output_ids:
+                if not finite[o]:
+                    res.error = "non-finite logits (NaN/inf) in prefill"
+                elif r.params.greedy:
+                    res.new_tokens = [argmax[o]]
+                else:
+                    res.new_tokens = [self._sample(r, logits[o])]
+                o += 1
+        moves, draft_moves = ([], []), ([], [])
+        for v in verifies:
+            r, n = v.work.req, len(v.tokens)
+            res = out.results.setdefault(r.rid, RequestResult())
+            if not all(finite[o: o + n]):
+                res.error = "non-finite logits (NaN/inf) in decode"
+                o += n
+                continue
+            if v.tree is None:  # plain decode: no tree machinery
+                res.new_tokens = [argmax[o] if r.params.greedy else self._sample(r, logits[o])]
+                path = []
+            else:
+                vr = self._verify(r, v.tree, logits[o: o + n], argmax[o: o + n])
+                res.new_tokens, path = vr.tokens, vr.nodes
+                res.verified, res.accepted, res.depth, res.draft_conf = vr.verified, vr.accepted, vr.depth, vr.draft_conf
+                r.num_verifies += 1
+                r.num_accepted += vr.accepted
+            o += n
+            self._commit(v, path, moves, draft_moves)
+        if moves[0]:
+            self.kv.move_slots(*moves)
+        if draft_moves[0]:
+            self.drafter.kv.move_slots(*draft_moves)
+        for v in verifies:  # rollback: free blocks past what is committed
+            r = v.work.req
+            self.tables.shrink(r.rid, r.num_computed, r.num_draft_computed)
+        out.forward_s = time.perf_counter() - t0
+        return out
+
+    # ---- pieces ------------------------------------------------------------------------
+
+    def _draft_and_select(self, batch: ScheduledBatch, out: RunOutput) -> list[_Verify]:
+        """Beam-search trees for speculating requests, then AdaServe selection under B."""
+        decodes = batch.decodes
+        spec = [i for i, w in enumerate(decodes) if w.depth > 0] if self.drafter is not None else []
+        if not spec:
+            return [_Verify(w, [w.req.output_ids[-1]]) for w in decodes]
+        trees, out.draft_steps, out.draft_tokens = self.drafter.build_trees(
+            [decodes[i].req for i in spec], [decodes[i].depth for i in spec], [decodes[i].width for i in spec])
+        by_index = dict(zip(spec, trees))
+        cands = []
+        for i, w in enumerate(decodes):
+            t = by_index.get(i)
+            if t is None:
+                cands.append(_root_candidates(w))
+            else:
+                cands.append(t.candidates(min_tokens=w.min_tokens, tree_cap=w.tree_cap))
+        sel = select_trees(cands, budget=batch.verify_budget, slo_order=self.slo_order)
+        verifies = []
+        for i, (w, nodes) in enumerate(zip(decodes, sel.nodes)):
+            t = by_index.get(i)
+            if t is None:
+                verifies.append(_Verify(w, [w.req.output_ids[-1]]))
+                continue
+            sub = t.subtree(nodes)
+            verifies.append(_Verify(w, sub.tokens.tolist(), sub, nodes))
+        return verifies
+
+    def _verify(self, r: Request, tree: DraftTree, logits: torch.Tensor, argmax: list[int]):
+        if r.params.greedy:
+            return verify(tree, logits)
+        if r.generator is None:
+            r.generator = make_generator(r.params.seed)
+        return verify(tree, logits, r.params.temperature, r.params.top_p, r.generator)
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> int:
+        if r.generator is None:
+            r.generator = make_generator(r.params.seed)
+        probs = logits_to_probs(logits[None], r.params.temperature, r.params.top_p)[0]
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+    def _commit(self, v: _Verify, path: list[int], moves, draft_moves) -> None:
+        """Keep the accepted path's K/V (moved to contiguous positions) in both caches."""
+        r, ctx = v.work.req, v.work.req.num_computed
+        # Target: selected node k sits at position ctx + k; accepted i-th -> ctx + i.
+        pairs = [(ctx + k, ctx + i) for i, k in enumerate(path, start=1) if k != i]
+        if pairs:
+            moves[0].extend(self.tables.slots(r.rid, [a for a, _ in pairs]))
+            moves[1].extend(self.tables.slots(r.rid, [b for _, b in pairs]))
+        r.num_computed = ctx + 1 + len(path)
+        if v.tree is not None and v.work.depth:
+            # Draft: candidate node c (level l < depth, so it was fed) sits at N + c - 1,
+            # the l-th accepted token belongs at N + l - 1 (N = committed tokens, root included).
+            n_tok = ctx + 1
+            fed = [v.nodes[k] for k in path if int(v.tree.depth[k]) < v.work.depth]
+            pairs = [(n_tok + c - 1, n_tok + l) for l, c in enumerate(fed) if c - 1 != l]
+            if pairs:
+                draft_moves[0].extend(self.tables.slots(r.rid, [a for a, _ in pairs], draft=True))
+                draft_moves[1].extend(self.tables.slots(r.rid, [b for _, b in pairs], draft=True))
+            r.num_draft_computed = n_tok + len(fed)
+
+
+def _root_candidates(w: DecodeWork) -> TreeCandidates:
+    return TreeCandidates(path_prob=[1.0], parent=[-1], min_tokens=1.0, tree_cap=1)
