@@ -130,7 +130,7 @@ class SlosServePolicy(Policy):
         tp = planner.best(counts, ttb, prefer_prefill=pending_prefill)
         decode: list[protos.DecodeEntry] = []
         for r in decoding:
-            sl = tp.lengths[index[self._tier_of(r)]]
+            sl = snap_depth(tp.lengths[index[self._tier_of(r)]] - 1, lim, state.spec_enabled) + 1
             decode.append(protos.DecodeEntry(r.rid, acc(sl, alpha), sl, sl - 1, 1))
         slo_prefill_budget = max(0, min(tp.prefill_per_batch, lim.max_batch_tokens - tp.decode_tokens))
 
@@ -170,7 +170,7 @@ class SlosServePolicy(Policy):
             prefill=packing.chunks,
             decode=decode,
             decisions=decisions,
-            spec_depth=max(tp.lengths, default=1) - 1 if lim.depth_tiers else -1,
+            spec_depth=max((e.depth for e in decode), default=0) if lim.depth_tiers else -1,
         )
 
 
