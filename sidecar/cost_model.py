@@ -148,11 +148,11 @@ class CostModel:
         lo = self.k_tok_s
         at_knee = lo * self.knee_tokens
         if left <= at_knee:  # below the knee (lo > 0 here, else at_knee == 0 < left)
-            return int(left / lo)
+            return int(left / lo + 1e-9)
         hi = lo + self.k_knee_s
         if hi <= 0:
             return _INF_TOKENS
-        return min(_INF_TOKENS, int(self.knee_tokens + (left - at_knee) / hi))
+        return min(_INF_TOKENS, int(self.knee_tokens + (left - at_knee) / hi + 1e-9))
 
     # ---- online refit -----------------------------------------------------------------
 

@@ -162,6 +162,7 @@ class Planner:
         plan.based_on_step = st.step
         if plan.valid_until_s <= now_s:
             plan.valid_until_s = now_s + self._horizon_s(plan)
+        self._inflight = [p for p in self._inflight if p.step != step]  # a replan replaces
         self._inflight.append(plan)
         if len(self._inflight) > 8:  # engine not reporting plan steps as expected: bound it
             del self._inflight[0]

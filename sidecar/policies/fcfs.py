@@ -51,8 +51,9 @@ class FcfsPolicy(Policy):
         """Service order (input is arrival order)."""
         return reqs
 
-    def preemptions(self, state: PlannerState, running: list[ReqState], waiting: list[ReqState], kv_left: int) -> list[ReqState]:
-        """Running requests to preempt so waiting ones fit (fcfs: never)."""
+    def make_room(self, waiting: ReqState, deficit: int, running: list[ReqState], gone: set[str]) -> list[ReqState]:
+        """Running requests to preempt so that `waiting` fits (`deficit` KV tokens short);
+        [] if it cannot or should not. fcfs never preempts."""
         return []
 
     # ---- plan -----------------------------------------------------------------------------
@@ -68,64 +69,76 @@ class FcfsPolicy(Policy):
             k = fitting[-1] if fitting else 0
         return k
 
+    def reservation(self, r: ReqState) -> int:
+        """KV tokens a request still needs: rest of its prompt + new_token_ratio of its output."""
+        rest = r.max_new_tokens - r.decoded
+        return r.prompt_tokens - r.prefilled + int((rest if rest < 4096 else 4096) * self.config.new_token_ratio)
+
     def plan(self, ctx: PlanContext) -> protos.Plan:
         cfg, state = self.config, ctx.state
         lim = state.limits
         k = self.spec_depth(state)
         cap = k + 1
         running = self.order(state.running())
-        waiting = self.order(state.waiting())
         kv_left = state.kv_available(cfg.new_token_ratio)
 
-        decisions: list[protos.AdmissionDecision] = []
-        victims = self.preemptions(state, running, waiting, kv_left) if waiting else []
-        if victims:
-            gone = {id(v) for v in victims}
-            running = [r for r in running if id(r) not in gone]
-            for v in victims:
-                decisions.append(protos.AdmissionDecision(v.rid, Decision.PREEMPT))
-                kv_left += v.kv_tokens + v.remaining_prefill + int(min(v.remaining_decode, 4096) * cfg.new_token_ratio)
-
-        decode = [protos.DecodeEntry(r.rid, 1.0, cap, k, 1) for r in running if r.prefilled >= r.prompt_tokens]
-        n_decode = len(decode)
+        n_decode = 0
+        for r in running:
+            if r.prefilled >= r.prompt_tokens:
+                n_decode += 1
         budget = max(lim.max_batch_tokens, n_decode)
         # Prefill gets what the full fixed-k verify leaves, at most one chunk; the engine
         # guarantees each decode entry its root token, so the invariant uses 1 per entry.
         left = min(cfg.chunk_size, budget - n_decode * cap, budget - n_decode)
-        chunks: list[protos.PrefillChunk] = []
+        chunks: dict[str, int] = {}  # rid -> tokens, in service order
         for r in running:
             if left <= 0:
                 break
             rest = r.prompt_tokens - r.prefilled
             if rest > 0:
                 n = rest if rest < left else left
-                chunks.append(protos.PrefillChunk(r.rid, n))
+                chunks[r.rid] = n
                 left -= n
 
+        decisions: list[protos.AdmissionDecision] = []
+        gone: set[str] = set()  # preempted this plan
         n_running = len(running)
         max_running = cfg.max_running or lim.max_batch_tokens
-        for r in waiting:
+        for r in self.order(state.waiting()):
             if r.prompt_tokens >= lim.kv_capacity_tokens:
                 decisions.append(protos.AdmissionDecision(r.rid, Decision.REJECT))
                 continue
             if left <= 0 or n_running >= max_running:
                 break
-            need = r.prompt_tokens - r.prefilled + int(min(r.remaining_decode, 4096) * cfg.new_token_ratio)
+            need = self.reservation(r)
             if need > kv_left:
-                break  # head-of-line: SGLang does not skip ahead
+                victims = self.make_room(r, need - kv_left, running, gone)
+                if not victims:
+                    break  # head-of-line: SGLang does not skip ahead
+                for v in victims:
+                    gone.add(v.rid)
+                    decisions.append(protos.AdmissionDecision(v.rid, Decision.PREEMPT))
+                    kv_left += v.prefilled + v.decoded + self.reservation(v)
+                    left += chunks.pop(v.rid, 0)
+                    n_running -= 1
             decisions.append(protos.AdmissionDecision(r.rid, Decision.ADMIT))
             kv_left -= need
             n_running += 1
             rest = r.prompt_tokens - r.prefilled
             n = rest if rest < left else left
-            chunks.append(protos.PrefillChunk(r.rid, n))
+            chunks[r.rid] = n
             left -= n
 
+        decode = [
+            protos.DecodeEntry(r.rid, 1.0, cap, k, 1)
+            for r in running
+            if r.prefilled >= r.prompt_tokens and (not gone or r.rid not in gone)
+        ]
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
             token_budget=budget,
-            prefill=chunks,
+            prefill=[protos.PrefillChunk(rid, n) for rid, n in chunks.items()],
             decode=decode,
             decisions=decisions,
             spec_depth=k if lim.depth_tiers else -1,

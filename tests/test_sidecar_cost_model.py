@@ -1,0 +1,166 @@
+"""Cost model: least squares recovers known coefficients; the inverse is consistent; online
+refit tracks a changed machine; hardware profiles load and are sane; bad YAML is refused."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from protos import messages as m
+from sidecar.cost_model import CostModel, EngineLimits, load_profile, profile_from_dict
+
+TRUE = CostModel(
+    base_s=0.006, k_tok_s=3e-6, k_knee_s=2e-5, knee_tokens=256, k_ctx_s=4e-8, k_pf2_s=4.5e-10,
+    d_step_s=2e-4, k_dtok_s=7e-7,
+)
+HW = Path(__file__).resolve().parent.parent / "configs" / "hardware"
+
+
+def _samples(model: CostModel, n: int, noise: float, seed: int = 0) -> list[tuple]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = rng.randint(0, 4096) if rng.random() < 0.5 else 0
+        v = rng.randint(1, 512)
+        s = rng.randint(0, 8)
+        c = rng.randint(0, 200_000)
+        d = v * s
+        rows.append((p, v, s, c, d, model.iteration_time(p, v, s, c, d) * (1 + noise * rng.gauss(0, 1))))
+    return rows
+
+
+def test_fit_recovers_known_coefficients():
+    fitted = CostModel.fit(_samples(TRUE, 400, noise=0.01))
+    for name, true in TRUE.coefficients().items():
+        got = fitted.coefficients()[name]
+        assert got == pytest.approx(true, rel=0.15, abs=1e-9), name
+    # Predictions agree within noise over the sampled range.
+    for row in _samples(TRUE, 50, noise=0.0, seed=1):
+        assert fitted.iteration_time(*row[:5]) == pytest.approx(row[5], rel=0.03)
+
+
+def test_fit_with_fixed_terms_fits_the_rest():
+    rows = [(0, v, 0, 0, 0, TRUE.iteration_time(0, v, 0, 0)) for v in (1, 32, 64, 128, 256, 512, 1024, 2048, 4096)]
+    fitted = CostModel.fit(rows, fixed={"k_ctx_s": 1e-7, "d_step_s": 1e-3})
+    assert fitted.k_ctx_s == 1e-7 and fitted.d_step_s == 1e-3
+    assert fitted.knee_tokens == 256
+    assert fitted.iteration_time(0, 3000, 0, 0) == pytest.approx(TRUE.iteration_time(0, 3000, 0, 0), rel=1e-6)
+
+
+def test_fit_keeps_coefficients_non_negative():
+    rng = random.Random(3)
+    rows = [(0, v, 0, rng.randint(0, 1000), 0, 0.01 + 1e-5 * v) for v in range(1, 200, 7)]
+    fitted = CostModel.fit(rows)
+    assert all(v >= 0 for v in fitted.coefficients().values())
+
+
+@pytest.mark.parametrize("rows", [[], [(1, 2, 3)], [(0, 1, 0, 0, 0, -1.0), (0, 2, 0, 0, 0, 1.0)]])
+def test_fit_rejects_bad_samples(rows):
+    with pytest.raises(ValueError):
+        CostModel.fit(rows)
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.005, 0.0062, 0.0069, 0.02, 0.1, 1.0])
+def test_max_tokens_within_is_the_inverse(seconds):
+    n = TRUE.max_tokens_within(seconds, draft_steps=2, context_tokens=10_000, draft_tokens=100)
+    if n == 0:
+        assert TRUE.iteration_time(0, 1, 2, 10_000, 100) > seconds
+        return
+    assert TRUE.iteration_time(0, n, 2, 10_000, 100) <= seconds + 1e-9
+    assert TRUE.iteration_time(0, n + 1, 2, 10_000, 100) > seconds
+
+
+def _report(step, t0, n, ctx, seconds):
+    return m.IterationReport(step, t0, t0 + seconds, step, 0, n, 0, ctx, 1000)
+
+
+def test_online_scale_tracks_a_slower_machine():
+    model = CostModel(**{k: v for k, v in TRUE.coefficients().items()}, refit_every=0)
+    rng = random.Random(0)
+    for i in range(300):
+        n = rng.randint(1, 2000)
+        model.observe(_report(i, float(i), n, 5000, 1.5 * TRUE.iteration_time(0, n, 0, 5000)))
+    assert model.scale == pytest.approx(1.5, rel=0.03)
+    assert model.iteration_time(0, 700, 0, 5000) == pytest.approx(1.5 * TRUE.iteration_time(0, 700, 0, 5000), rel=0.03)
+
+
+def test_online_scale_is_robust_to_a_stall():
+    model = CostModel(**TRUE.coefficients(), refit_every=0)
+    model.observe(_report(0, 0.0, 100, 0, 50.0))  # a 50 s hiccup
+    assert model.scale < 1.2
+
+
+def test_windowed_refit_learns_a_different_shape():
+    other = CostModel(base_s=0.02, k_tok_s=1e-5, k_knee_s=5e-5, knee_tokens=512, k_ctx_s=1e-7)
+    model = CostModel(**TRUE.coefficients(), refit_every=64, window=256)
+    rng = random.Random(1)
+    for i in range(256):
+        n = rng.randint(1, 3000)
+        ctx = rng.randint(0, 100_000)
+        model.observe(_report(i, float(i), n, ctx, other.iteration_time(0, n, 0, ctx)))
+    for n in (10, 600, 2500):
+        assert model.iteration_time(0, n, 0, 50_000) == pytest.approx(other.iteration_time(0, n, 0, 50_000), rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["h100-llama3.1-8b-eagle3", "a100-llama3.1-70b-1b-draft"])
+def test_gpu_profiles_load_and_match_their_sources(name):
+    prof = load_profile(HW / f"{name}.yaml")
+    assert prof.name == name and "reference" in prof.source
+    c = prof.cost
+    # Monotone in every input; decode of one token takes milliseconds, not seconds.
+    assert 0.002 < c.iteration_time(0, 1, 0, 0) < 0.05
+    assert c.iteration_time(0, 512, 0, 0) < c.iteration_time(0, 1024, 0, 0) < c.iteration_time(0, 4096, 0, 0)
+    assert c.iteration_time(0, 64, 0, 100_000) > c.iteration_time(0, 64, 0, 0)
+    assert c.iteration_time(0, 64, 4, 0, 256) > c.iteration_time(0, 64, 0, 0)
+    assert 400_000 <= prof.engine.kv_capacity_tokens <= 600_000
+    assert set(prof.acceptance_priors) >= {"default", "coding", "chat", "reasoning"}
+
+
+def test_h100_profile_reproduces_the_vidur_table_within_10_percent():
+    c = load_profile(HW / "h100-llama3.1-8b-eagle3.yaml").cost
+    # Vidur H100 7B GEMM medians x 1.19 + 1 ms (the profile's own derivation).
+    for n, ms in [(1, 5.6), (128, 6.4), (512, 12.1), (1024, 21.3), (2048, 40.8), (4096, 84.5)]:
+        assert c.iteration_time(0, n, 0, 0) * 1e3 == pytest.approx(ms * 1.19 + 1.0, rel=0.10), n
+
+
+def test_a100_profile_reproduces_adaserve_table_within_15_percent():
+    c = load_profile(HW / "a100-llama3.1-70b-1b-draft.yaml").cost
+    for n, ms in [(128, 55), (256, 85), (512, 125), (768, 165), (1024, 205)]:
+        assert c.iteration_time(0, n, 0, 0) * 1e3 == pytest.approx(ms, rel=0.15), n
+    assert c.d_step_s == pytest.approx(0.005)
+
+
+GOOD = {
+    "name": "x", "source": "test", "engine": {"kv_capacity_tokens": 1000, "max_batch_tokens": 64, "max_depth": 4, "max_width": 1},
+    "cost": {"base_s": 0.01, "k_tok_s": 1e-4},
+}
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"bogus": 1}, "unknown keys"),
+        ({"cost": {"base_s": 0.01, "nope": 1}}, "unknown cost keys"),
+        ({"cost": None}, "needs 'cost'"),
+        ({"engine": {"kv_capacity_tokens": 0, "max_batch_tokens": 64, "max_depth": 0, "max_width": 1}}, "positive"),
+        ({"acceptance": {"chat": [1.5]}}, "alphas"),
+        ({"samples": [[1, 2, 3]]}, "6 columns"),
+    ],
+)
+def test_bad_profiles_are_refused_with_a_reason(patch, needle):
+    with pytest.raises(ValueError, match=needle):
+        profile_from_dict({**GOOD, **patch})
+
+
+def test_load_profile_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_profile(bad)
+
+
+def test_engine_limits_from_hello():
+    lim = EngineLimits.from_hello(m.EngineHello(1, "sim", [m.SpecMode.CHAIN], 512, 9000, 6, 2, [4, 2], 32))
+    assert lim == EngineLimits(9000, 512, 6, 2, (2, 4), 32)

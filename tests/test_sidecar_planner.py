@@ -1,0 +1,155 @@
+"""Planner driven by protocol messages (no sockets): hello, arrivals, reports, finishes,
+resync, pipelined step numbering and in-flight projection, unknown rids, stamping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protos import messages as m
+from sidecar.planner import Planner
+from sidecar.policies.base import make_policy, register_policy
+from sidecar.policies.fcfs import FcfsPolicy
+
+D = m.Decision
+HW = Path(__file__).resolve().parent.parent / "configs" / "hardware" / "h100-llama3.1-8b-eagle3.yaml"
+
+
+def hello(**kw) -> m.EngineHello:
+    args = dict(protocol_version=m.PROTOCOL_VERSION, engine="sim", spec_modes=[m.SpecMode.CHAIN],
+                max_batch_tokens=1024, kv_capacity_tokens=100_000, max_depth=6, max_width=1)
+    args.update(kw)
+    return m.EngineHello(**args)
+
+
+def arrived(rid: str, prompt=1000, max_new=100, t=0.0, cls="chat", **slo) -> m.RequestArrived:
+    return m.RequestArrived(rid, prompt, max_new, m.Slo(slo.get("ttft", 1.0), slo.get("tpot", 0.05), slo_class=cls), t)
+
+
+def report(step: int, t: float, progress=(), kv_free=90_000, **kw) -> m.IterationReport:
+    return m.IterationReport(step, t - 0.02, t, kw.get("plan_step", step), kw.get("prefill", 0), kw.get("verify", len(progress)),
+                             kw.get("draft_steps", 0), kw.get("ctx", 0), kv_free, list(progress))
+
+
+@pytest.fixture
+def planner() -> Planner:
+    p = Planner.create("fcfs", HW, chunk_size=512, spec_k=2)
+    p.observe(hello())
+    return p
+
+
+def test_hello_sets_limits_from_the_engine(planner):
+    assert planner.state.limits.max_batch_tokens == 1024
+    assert planner.state.limits.kv_capacity_tokens == 100_000
+    assert planner.state.spec_enabled
+    assert planner.profile.engine.max_batch_tokens == 8192  # the profile's guess stays as it was
+
+
+def test_request_life_cycle(planner):
+    planner.observe(arrived("a", prompt=700))
+    plan = planner.plan(0.01)
+    assert plan.step == 1 and plan.based_on_step == -1
+    assert [(d.rid, d.decision) for d in plan.decisions] == [("a", D.ADMIT)]
+    assert [(c.rid, c.tokens) for c in plan.prefill] == [("a", 512)]
+    assert plan.valid_until_s > 0.01 and plan.plan_latency_s > 0
+    # Engine ran plan 1 at step 1 and reports it; the planner plans step 3.
+    planner.observe(report(1, 0.05, [m.RequestProgress("a", 512, 0, prefill_tokens=512)], prefill=512))
+    plan = planner.plan(0.05)
+    assert plan.step == 3 and plan.based_on_step == 1
+    assert [(c.rid, c.tokens) for c in plan.prefill] == [("a", 188)]
+    planner.observe(report(2, 0.08, [m.RequestProgress("a", 700, 1, prefill_tokens=188, first_token_s=0.08)]))
+    plan = planner.plan(0.08)
+    # Plan 3 (in flight) had a's last chunk; the report already shows it done.
+    assert plan.prefill == [] and [(e.rid, e.depth, e.tree_cap) for e in plan.decode] == [("a", 2, 3)]
+    assert planner.state.requests["a"].first_token_s == 0.08
+    planner.observe(m.RequestFinished("a", m.FinishReason.STOP, 40, 0.5))
+    assert "a" not in planner.state.requests
+    assert planner.plan(0.5).decode == []
+
+
+def test_pipelined_plans_do_not_schedule_a_chunk_twice(planner):
+    planner.observe(arrived("a", prompt=2000))
+    planner.observe(report(0, 0.01))
+    p2 = planner.plan(0.01)  # for step 2, engine runs step 1 meanwhile
+    assert [(c.rid, c.tokens) for c in p2.prefill] == [("a", 512)]
+    planner.observe(report(1, 0.03, plan_step=-1))  # step 1 ran without a's chunk
+    p3 = planner.plan(0.03)
+    assert p3.step == 3
+    # p2's chunk is in flight: p3 takes the next 512 tokens, and the KV estimate knows it.
+    assert [(c.rid, c.tokens) for c in p3.prefill] == [("a", 512)]
+    assert planner.state.requests["a"].prefilled == 512
+    assert planner.state.kv_free_tokens == 90_000 - 512
+    # The report of step 2 states the facts; projection from p3 applies on top.
+    planner.observe(report(2, 0.05, [m.RequestProgress("a", 512, 0, prefill_tokens=512)]))
+    assert planner.state.requests["a"].prefilled == 1024
+
+
+def test_unknown_rids_are_skipped_not_fatal(planner, caplog):
+    planner.observe(report(0, 0.01, [m.RequestProgress("ghost", 10, 1)]))
+    planner.observe(m.RequestFinished("ghost2", m.FinishReason.ABORT, 0, 0.02))
+    assert planner.skipped_unknown == 2
+    assert "ghost" in caplog.text
+    assert planner.state.step == 0
+    planner.plan(0.02)
+
+
+def test_duplicate_arrival_is_ignored(planner):
+    planner.observe(arrived("a", prompt=10))
+    planner.state.requests["a"].prefilled = 5
+    planner.observe(arrived("a", prompt=999))
+    assert planner.state.requests["a"].prompt_tokens == 10 and planner.state.requests["a"].prefilled == 5
+
+
+def test_engine_started_requests_count_as_admitted(planner):
+    planner.observe(arrived("a", prompt=100))
+    planner.observe(report(0, 0.01, [m.RequestProgress("a", 100, 1)]))  # engine's fallback ran it
+    plan = planner.plan(0.01)
+    assert plan.decisions == [] and [e.rid for e in plan.decode] == ["a"]
+
+
+def test_reports_feed_the_acceptance_and_cost_models(planner):
+    planner.observe(arrived("a", prompt=10, cls="coding"))
+    a0 = planner.acceptance.alphas("a", 1)[0]
+    for i in range(30):
+        planner.observe(report(i, 0.1 * (i + 1), [m.RequestProgress("a", 10, i + 1, verified=4, accepted=0, depth=4)],
+                               verify=5, draft_steps=4, ctx=50))
+    assert planner.acceptance.alphas("a", 1)[0] < a0 - 0.2
+    # 100 ms iterations against a ~7 ms prediction: the scale moves up (clipped per step).
+    assert planner.cost.scale > 2.0
+
+
+def test_resync_replaces_state(planner):
+    planner.observe(arrived("old", prompt=10))
+    snap = m.RequestSnapshot(arrived("x", prompt=300, t=1.0), prefilled=300, decoded=7, first_token_s=1.2, decision=D.ADMIT)
+    waiting = m.RequestSnapshot(arrived("y", prompt=50, t=1.1))
+    planner.observe(m.Resync(now_s=2.0, step=41, requests=[snap, waiting], kv_free_tokens=5000))
+    st = planner.state
+    assert list(st.requests) == ["x", "y"] and st.step == 41 and st.kv_free_tokens == 5000
+    assert st.requests["x"].is_decoding and st.requests["x"].decoded == 7
+    assert st.limits.max_batch_tokens == 1024  # limits survive a resync
+    plan = planner.plan(2.0)
+    assert plan.step == 43 and [e.rid for e in plan.decode] == ["x"]
+    assert [(d.rid, d.decision) for d in plan.decisions] == [("y", D.ADMIT)]
+
+
+def test_valid_until_covers_a_few_predicted_iterations(planner):
+    planner.observe(arrived("a", prompt=10))
+    planner.observe(report(0, 1.0, [m.RequestProgress("a", 10, 1)]))
+    plan = planner.plan(1.0)
+    t_iter = planner.cost.iteration_time(0, 3, 2, 11, 2)
+    assert plan.valid_until_s == pytest.approx(1.0 + max(0.005, 4 * t_iter))
+
+
+def test_policy_defaults_from_profile_and_overrides():
+    p = Planner.create("fcfs", HW)
+    assert p.policy.config.chunk_size == 2048 and p.policy.config.spec_k == 3
+    p = Planner.create("fcfs", HW, spec_k=0)
+    assert p.policy.config.spec_k == 0 and p.policy.config.chunk_size == 2048
+
+
+def test_register_policy_and_missing_module_errors():
+    register_policy("fcfs_k1", lambda **kw: FcfsPolicy())
+    assert isinstance(make_policy("fcfs_k1"), FcfsPolicy)
+    with pytest.raises(ValueError, match="unknown policy"):
+        Planner.create("does-not-exist", HW)

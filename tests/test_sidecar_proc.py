@@ -1,0 +1,142 @@
+"""The real sidecar process (`python -m sidecar`) over real ZeroMQ ipc:// sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protos import messages as m
+from protos.channel import EngineChannel, ipc_endpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+HW = ROOT / "configs" / "hardware" / "h100-llama3.1-8b-eagle3.yaml"
+D = m.Decision
+
+
+def start_sidecar(policy: str = "fcfs", *extra: str) -> tuple[subprocess.Popen, str]:
+    endpoint = ipc_endpoint("test")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "--endpoint", endpoint, "--policy", policy, "--hardware", str(HW),
+         "--log-level", "INFO", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    line = proc.stdout.readline()
+    assert "listening" in line, proc.stderr.read()
+    return proc, endpoint
+
+
+def stop(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return rc, proc.stderr.read()
+
+
+def connect(endpoint: str, **hello_kw) -> tuple[EngineChannel, m.PlannerWelcome]:
+    ch = EngineChannel(endpoint)
+    args = dict(protocol_version=m.PROTOCOL_VERSION, engine="test", spec_modes=[m.SpecMode.CHAIN],
+                max_batch_tokens=2048, kv_capacity_tokens=100_000, max_depth=4, max_width=1, config_hash="cfg1")
+    args.update(hello_kw)
+    deadline = time.monotonic() + 10
+    while not ch.send(m.EngineHello(**args)):  # IMMEDIATE: queued only once connected
+        assert time.monotonic() < deadline, "could not connect"
+        time.sleep(0.01)
+    welcome = ch.recv(5000)
+    assert isinstance(welcome, m.PlannerWelcome)
+    return ch, welcome
+
+
+def recv_plan(ch: EngineChannel, timeout_ms: int = 5000) -> m.Plan:
+    msg = ch.recv(timeout_ms)
+    assert isinstance(msg, m.Plan), msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def sidecar():
+    proc, endpoint = start_sidecar("fcfs", "--set", "chunk_size=256", "--set", "spec_k=2")
+    yield endpoint
+    rc, _ = stop(proc)
+    assert rc == 0
+
+
+def test_handshake_and_plan_after_report(sidecar):
+    ch, welcome = connect(sidecar)
+    assert welcome.accepted and welcome.policy == "fcfs" and welcome.config_hash == "cfg1"
+    ch.send(m.RequestArrived("a", 600, 20, m.Slo(1.0, 0.05), 0.0))
+    assert ch.recv(200) is None  # arrivals alone do not trigger a plan
+    ch.send(m.IterationReport(0, 0.0, 0.01, -1, 0, 0, 0, 0, 99_000))
+    plan = recv_plan(ch)
+    assert plan.step == 2 and plan.based_on_step == 0
+    assert [(c.rid, c.tokens) for c in plan.prefill] == [("a", 256)]
+    assert [(d.rid, d.decision) for d in plan.decisions] == [("a", D.ADMIT)]
+    assert plan.valid_until_s > 0.01 and plan.plan_latency_s > 0
+    ch.send(m.IterationReport(1, 0.01, 0.02, -1, 0, 0, 0, 0, 99_000))
+    plan = recv_plan(ch)  # plan 2's chunk is in flight: the next 256
+    assert plan.step == 3 and [(c.rid, c.tokens) for c in plan.prefill] == [("a", 256)]
+    ch.send(m.IterationReport(2, 0.02, 0.03, 2, 256, 0, 0, 256, 98_000, [m.RequestProgress("a", 256, 0, 256)]))
+    plan = recv_plan(ch)  # 256 done + 256 in flight (plan 3): the last 88 tokens
+    assert plan.step == 4 and [(c.rid, c.tokens) for c in plan.prefill] == [("a", 88)]
+    ch.close()
+
+
+def test_wrong_protocol_version_is_refused_with_a_reason(sidecar):
+    ch, welcome = connect(sidecar, protocol_version=m.PROTOCOL_VERSION + 7)
+    assert not welcome.accepted
+    assert "protocol version" in welcome.reason
+    ch.send(m.IterationReport(0, 0.0, 0.01, -1, 0, 0, 0, 0, 1000))
+    assert ch.recv(300) is None  # a refused engine gets no plans
+    ch.close()
+
+
+def test_garbage_frames_are_skipped(sidecar):
+    ch, welcome = connect(sidecar)
+    assert welcome.accepted
+    ch.sock.send(b"\x00\x01garbage")
+    ch.sock.send(b"")
+    ch.sock.send_multipart([b"two", b"parts"])
+    ch.send(m.RequestArrived("g", 10, 5, m.Slo(1.0, 0.05), 0.0))
+    ch.send(m.IterationReport(0, 0.0, 0.01, -1, 0, 0, 0, 0, 99_000))
+    plan = recv_plan(ch)
+    assert [(d.rid, d.decision) for d in plan.decisions] == [("g", D.ADMIT)]
+    ch.close()
+
+
+def test_resync_replaces_state_and_answers_with_a_plan(sidecar):
+    ch, _ = connect(sidecar)
+    ch.send(m.RequestArrived("stale", 10, 5, m.Slo(1.0, 0.05), 0.0))
+    snap = m.RequestSnapshot(m.RequestArrived("x", 100, 50, m.Slo(1.0, 0.05), 5.0), 100, 3, 5.2, 0, D.ADMIT)
+    ch.send(m.Resync(now_s=6.0, step=70, requests=[snap], kv_free_tokens=50_000))
+    plan = recv_plan(ch)
+    assert plan.step == 71 and plan.based_on_step == 70
+    assert [(e.rid, e.depth, e.tree_cap) for e in plan.decode] == [("x", 2, 3)]
+    assert plan.decisions == [] and plan.prefill == []  # "stale" is gone
+    ch.close()
+
+
+def test_sigterm_exits_cleanly():
+    proc, endpoint = start_sidecar("priority")
+    ch, welcome = connect(endpoint)
+    assert welcome.accepted and welcome.policy == "priority"
+    ch.close()
+    rc, err = stop(proc)
+    assert rc == 0
+    assert "stopped after" in err
+
+
+def test_bad_arguments_exit_with_a_message():
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--endpoint", ipc_endpoint("bad"), "--policy", "nope", "--hardware", str(HW)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 2 and "unknown policy 'nope'" in out.stderr
