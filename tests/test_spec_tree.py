@@ -57,6 +57,11 @@ def tree_paths(tree: DraftTree) -> dict[tuple[int, ...], float]:
 
 
 def check_structure(tree: DraftTree) -> None:
+    h = tree.host()  # the cached host copy agrees with the tensors
+    assert h.tokens == tree.tokens.tolist() and h.parents == tree.parents.tolist()
+    assert h.depth == tree.depth.tolist()
+    assert h.path_logprob == pytest.approx(tree.path_logprob.tolist())
+    assert h.draft_logprob == pytest.approx(tree.draft_logprob.tolist())
     pars = tree.parents.tolist()
     assert pars[0] == -1 and all(0 <= pars[v] < v for v in range(1, len(pars)))
     depth = tree.depth.tolist()
@@ -143,6 +148,7 @@ def test_subtree_renumbers_and_checks():
         chain.append(pars[chain[-1]])
     keep = chain[::-1]
     sub = tree.subtree(keep)
+    check_structure(sub)
     assert sub.parents.tolist() == [-1, 0, 1, 2]
     assert sub.tokens.tolist() == [int(tree.tokens[v]) for v in keep]
     assert sub.path_logprob.tolist() == [float(tree.path_logprob[v]) for v in keep]

@@ -24,7 +24,7 @@ trees remember it for lossless verification.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -33,6 +33,7 @@ from sglang_slo.spec.select import TreeCandidates
 
 __all__ = [
     "DraftTree",
+    "HostTree",
     "Frontier",
     "DraftStep",
     "build_trees",
@@ -44,8 +45,21 @@ __all__ = [
 
 
 @dataclass
+class HostTree:
+    """Host (Python list) copy of a tree's per-node data, for the CPU-side walks (selection,
+    sub-trees, verification) without one device sync per access."""
+
+    tokens: list[int]
+    parents: list[int]
+    depth: list[int]
+    draft_logprob: list[float]
+    path_logprob: list[float]
+
+
+@dataclass
 class DraftTree:
-    """One request's draft tree. Nodes are numbered so that parents[v] < v."""
+    """One request's draft tree. Nodes are numbered so that parents[v] < v.
+    Treat it as immutable: `host()` caches a list copy of the tensors."""
 
     tokens: torch.Tensor
     """[N] long: node tokens; tokens[0] is the root, the last committed token."""
@@ -62,6 +76,15 @@ class DraftTree:
     i.i.d. (sampled trees only; rows of leaves are zero). Its presence tells `verify` that
     the children of every node are i.i.d. draws, which SpecInfer's multi-step speculative
     sampling needs; `subtree` drops it unless told the selection kept that true."""
+    _host: HostTree | None = field(default=None, repr=False, compare=False)
+
+    def host(self) -> HostTree:
+        """List copy of the per-node tensors (one device->host copy, then cached;
+        trees from build_trees/sample_trees/subtree come with it filled in)."""
+        if self._host is None:
+            self._host = HostTree(self.tokens.tolist(), self.parents.tolist(), self.depth.tolist(),
+                                  self.draft_logprob.tolist(), self.path_logprob.tolist())
+        return self._host
 
     @property
     def num_nodes(self) -> int:
@@ -69,12 +92,12 @@ class DraftTree:
 
     @property
     def max_depth(self) -> int:
-        return int(self.depth.max())
+        return max(self.host().depth)
 
     def candidates(self, min_tokens: float = 1.0, tree_cap: int = 1 << 30) -> TreeCandidates:
         """This tree as input to `select.select_trees` (f(v) = exp(path_logprob))."""
-        return TreeCandidates(path_prob=self.path_logprob.exp().tolist(),
-                              parent=self.parents.tolist(),
+        h = self.host()
+        return TreeCandidates(path_prob=[math.exp(x) for x in h.path_logprob], parent=h.parents,
                               min_tokens=min_tokens, tree_cap=tree_cap)
 
     def subtree(self, nodes: Sequence[int], keep_sampling: bool = False) -> DraftTree:
@@ -87,7 +110,8 @@ class DraftTree:
         n = self.num_nodes
         if not nodes or nodes[0] != 0:
             raise ValueError("subtree nodes must start with the root (0)")
-        parents = self.parents.tolist()
+        h = self.host()
+        parents = h.parents
         new_index = {}
         for i, v in enumerate(nodes):
             if not 0 <= v < n or v in new_index:
@@ -98,6 +122,7 @@ class DraftTree:
         new_parents = [-1] + [new_index[parents[v]] for v in nodes[1:]]
         dev = self.tokens.device
         idx = torch.tensor(nodes, dtype=torch.long, device=dev)
+        pick = lambda xs: [xs[v] for v in nodes]  # noqa: E731
         return DraftTree(
             tokens=self.tokens[idx],
             parents=torch.tensor(new_parents, dtype=torch.long, device=dev),
@@ -105,6 +130,8 @@ class DraftTree:
             draft_logprob=self.draft_logprob[idx],
             path_logprob=self.path_logprob[idx],
             child_dist=self.child_dist[idx] if keep_sampling and self.child_dist is not None else None,
+            _host=HostTree(pick(h.tokens), new_parents, pick(h.depth), pick(h.draft_logprob),
+                           pick(h.path_logprob)),
         )
 
 
@@ -161,10 +188,15 @@ def _call_draft(draft_step: DraftStep, frontier: Frontier) -> torch.Tensor:
 
 
 def _split(tokens, parents, depth, dlp, plp, counts: list[int], dist=None) -> list[DraftTree]:
+    """Per-request trees from padded [R, N_max] tensors, with host copies (two transfers)."""
+    ints = torch.stack([tokens, parents, depth]).tolist()  # [3][R][N_max]
+    floats = torch.stack([dlp, plp]).tolist()  # [2][R][N_max]
     return [
         DraftTree(tokens=tokens[r, :c], parents=parents[r, :c], depth=depth[r, :c],
                   draft_logprob=dlp[r, :c], path_logprob=plp[r, :c],
-                  child_dist=None if dist is None else dist[r, :c])
+                  child_dist=None if dist is None else dist[r, :c],
+                  _host=HostTree(ints[0][r][:c], ints[1][r][:c], ints[2][r][:c],
+                                 floats[0][r][:c], floats[1][r][:c]))
         for r, c in enumerate(counts)
     ]
 
@@ -310,7 +342,7 @@ def ancestor_mask(tree: DraftTree) -> torch.Tensor:
     mask = torch.eye(n, dtype=torch.bool, device=dev)
     rows = torch.arange(n, device=dev)
     cur = tree.parents.clone()  # [n] current ancestor of each node (-1 = past the root)
-    for _ in range(tree.max_depth):
+    for _ in range(tree.max_depth):  # pointer jumping: one ancestor level per pass
         has = cur >= 0
         col = cur.clamp(min=0)
         mask[rows, col] |= has

@@ -29,6 +29,7 @@ temperature and top-p; greedy output equals plain greedy decoding token for toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -87,20 +88,18 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float
 
 
 def _children(tree: DraftTree) -> tuple[list[list[int]], list[int]]:
-    parents = tree.parents.tolist()
-    children: list[list[int]] = [[] for _ in parents]
-    for v in range(1, len(parents)):
-        children[parents[v]].append(v)
-    return children, tree.tokens.tolist()
+    h = tree.host()
+    children: list[list[int]] = [[] for _ in h.parents]
+    for v in range(1, len(h.parents)):
+        children[h.parents[v]].append(v)
+    return children, h.tokens
 
 
 def _result(tree: DraftTree, nodes: list[int], tokens: list[int], bonus: int) -> VerifyResult:
-    conf = 0.0
-    if nodes:
-        idx = torch.tensor(nodes, device=tree.draft_logprob.device)
-        conf = float(tree.draft_logprob[idx].exp().mean())
+    h = tree.host()
+    conf = sum(math.exp(h.draft_logprob[v]) for v in nodes) / len(nodes) if nodes else 0.0
     return VerifyResult(nodes=nodes, tokens=[tokens[v] for v in nodes] + [bonus],
-                        verified=tree.num_nodes - 1, depth=tree.max_depth, draft_conf=conf)
+                        verified=len(h.tokens) - 1, depth=max(h.depth), draft_conf=conf)
 
 
 def _check_rows(tree: DraftTree, rows: torch.Tensor, what: str) -> None:
