@@ -49,11 +49,22 @@ class BlockPool:
 class BlockTables:
     """Block lists of every running request in the target cache and (optionally) the draft cache."""
 
-    def __init__(self, target: BlockPool, draft: BlockPool | None = None):
+    def __init__(self, target: BlockPool, draft: BlockPool | None = None, reserve_null_block: bool = False):
         self.target = target
         self.draft = draft
         self.target_blocks: dict[str, list[int]] = {}
         self.draft_blocks: dict[str, list[int]] = {}
+        self.num_reserved = 0
+        if reserve_null_block:
+            # Block 0 is never handed out and stays zero: attention pads key tables with
+            # block 0, and masked keys must be finite (NaN * 0 = NaN inside SDPA).
+            assert target.alloc(1) == [0] and (draft is None or draft.alloc(1) == [0])
+            self.num_reserved = 1
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Target KV slots requests can use."""
+        return (self.target.allocator.num_blocks - self.num_reserved) * self.target.block_size
 
     @property
     def free_tokens(self) -> int:

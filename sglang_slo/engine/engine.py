@@ -91,13 +91,14 @@ class Engine:
                                                                        draft.config.max_position_embeddings)
         self.max_context = min(config.max_context or limit, limit)
         dtype = getattr(torch, config.dtype)
-        num_blocks = config.kv_capacity_tokens // config.block_size
+        num_blocks = config.kv_capacity_tokens // config.block_size + 1  # + the null block
         self.kv = KVCache.for_model(cfg, num_blocks, config.block_size, dtype, config.device)
         draft_kv = None
         if draft is not None:
             draft_kv = KVCache.for_model(draft.config, num_blocks, config.block_size, dtype, config.device)
         self.tables = BlockTables(BlockPool.create(num_blocks, config.block_size),
-                                  BlockPool.create(num_blocks, config.block_size) if draft is not None else None)
+                                  BlockPool.create(num_blocks, config.block_size) if draft is not None else None,
+                                  reserve_null_block=True)
         sched_cfg = config.scheduler
         if draft is None and sched_cfg.max_depth:
             sched_cfg = replace(sched_cfg, max_depth=0, fallback_depth=0, fallback_tree_cap=1)
@@ -128,7 +129,7 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt of {len(prompt)} tokens leaves no room to generate within the context length "
                 f"{self.max_context}")
-        if len(prompt) + 1 > self.tables.target.capacity_tokens:
+        if len(prompt) + 1 > self.tables.capacity_tokens:
             raise InvalidRequestError(f"prompt of {len(prompt)} tokens does not fit the KV cache")
         if not (slo.ttft_s >= 0 and slo.tpot_s >= 0):
             raise InvalidRequestError("SLO ttft_s and tpot_s must be >= 0")
@@ -253,7 +254,7 @@ class Engine:
         return protos.EngineHello(
             protocol_version=protos.PROTOCOL_VERSION, engine="embedded",
             spec_modes=[protos.SpecMode.NONE] + ([protos.SpecMode.CHAIN, protos.SpecMode.TREE] if spec else []),
-            max_batch_tokens=c.max_batch_tokens, kv_capacity_tokens=self.tables.target.capacity_tokens,
+            max_batch_tokens=c.max_batch_tokens, kv_capacity_tokens=self.tables.capacity_tokens,
             max_depth=c.max_depth if spec else 0, max_width=c.max_width if spec else 1,
             kv_block_tokens=self.config.block_size, config_hash=self._config_hash, clock_s=self.clock())
 
@@ -265,8 +266,8 @@ class Engine:
 
     def check_kv(self) -> None:
         """Raise AssertionError if KV blocks leaked (blocks held by no live request)."""
-        held_t = sum(len(self.tables.table(rid)) for rid in self.requests)
+        held_t = sum(len(self.tables.table(rid)) for rid in self.requests) + self.tables.num_reserved
         self.tables.target.allocator.check_consistent(expected_used=held_t)
         if self.tables.draft is not None:
-            held_d = sum(len(self.tables.table(rid, True)) for rid in self.requests)
+            held_d = sum(len(self.tables.table(rid, True)) for rid in self.requests) + self.tables.num_reserved
             self.tables.draft.allocator.check_consistent(expected_used=held_d)

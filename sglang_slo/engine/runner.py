@@ -97,7 +97,6 @@ class ModelRunner:
         seqs, ids, rows = [], [], []  # rows: flat rows whose logits are needed
         for p in batch.prefills:
             r = p.req
-            start = len(ids)
             seqs.append(SequenceInput(self.tables.table(r.rid), r.num_computed, p.num_tokens))
             ids += r.all_ids[r.num_computed: r.num_computed + p.num_tokens]
             if r.num_computed + p.num_tokens >= r.prefill_target and not r.output_ids:
@@ -117,7 +116,7 @@ class ModelRunner:
         attn = AttentionBatch.build(seqs, self.kv.block_size, self.device)
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.device),
                                     attn.positions, attn, self.kv)
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])  # [R, vocab]
+        logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])  # [R, vocab]
         finite = torch.isfinite(logits).all(-1).tolist()  # [R]
         argmax = logits.argmax(-1).tolist()  # [R]
 
