@@ -48,7 +48,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _ms(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(_pct(xs, 0.5) * 1e3, 4), "p99_ms": round(_pct(xs, 0.99) * 1e3, 4), "max_ms": round(max(xs) * 1e3, 4)}
+    return {q: round(_pct(xs, v) * 1e3, 4) for q, v in (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99))} | {
+        "max_ms": round(max(xs) * 1e3, 4), "n": len(xs)}
 
 
 def bench_plan_latency(policy: str, hardware: str, n: int, iters: int, seed: int) -> dict:
@@ -145,7 +146,9 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
 def run(args: argparse.Namespace) -> int:
     wanted = [p for p in args.policies.split(",") if p] or policy_names()
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    out: dict = {"hardware": args.hardware, "plan_latency": {}, "unavailable": {}}
+    # The host's load average: on a shared machine p99s measure the neighbours too.
+    out: dict = {"hardware": args.hardware, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+                 "plan_latency": {}, "unavailable": {}}
     for name in wanted:
         try:
             Planner.create(name, args.hardware)
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             r = out["zmq_roundtrip"]["roundtrip"]
             print(f"round trip ({args.rt_policy}, {args.rt_requests} req): p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms")
+    out["loadavg_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(out, indent=1))
     return 0

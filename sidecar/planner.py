@@ -6,6 +6,7 @@ No sockets, no clocks of its own (times come in as arguments), no I/O beyond log
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ class Planner:
         (at least `min_horizon_s` seconds)."""
         self.policy = policy
         self.profile = profile
-        self.cost: CostModel = profile.cost
+        self.cost: CostModel = copy.deepcopy(profile.cost)  # refit online; the profile stays as loaded
         self.acceptance = AcceptanceModel(profile.acceptance_priors)
         self.state = PlannerState(limits=profile.engine)
         self.horizon_iters = horizon_iters
@@ -134,7 +135,7 @@ class Planner:
             req.first_token_s = snap.first_token_s
             req.stage = snap.stage
             req.stage_starts = [0] + [snap.decoded] * snap.stage
-            req.decision = snap.decision
+            req.decision = Decision(snap.decision)
             self.acceptance.register(req.rid, req.slo.slo_class)
         self.state = st
         self._inflight.clear()
@@ -181,17 +182,19 @@ class Planner:
                 req.decision = Decision.PREEMPT
                 req.prefilled = req.cached_prefix_tokens  # KV freed; prompt recomputed later
             else:
-                req.decision = d.decision
+                req.decision = Decision(d.decision)
 
     def _horizon_s(self, plan: protos.Plan) -> float:
-        prefill = sum(c.tokens for c in plan.prefill)
-        verify = sum(e.tree_cap for e in plan.decode)
-        steps = max((e.depth for e in plan.decode), default=0)
-        ctx_tokens = 0
-        requests = self.state.requests
+        """Validity horizon: `horizon_iters` predicted iterations of this plan (one pass)."""
+        verify = steps = 0
         for e in plan.decode:
-            r = requests.get(e.rid)
-            if r is not None:
-                ctx_tokens += r.prefilled + r.decoded
+            verify += e.tree_cap
+            if e.depth > steps:
+                steps = e.depth
+        prefill = 0
+        for c in plan.prefill:
+            prefill += c.tokens
+        rep = self.state.last_report
+        ctx_tokens = rep.context_tokens if rep is not None else 0  # last measured; close enough here
         t_iter = self.cost.iteration_time(prefill, min(verify, plan.token_budget), steps, ctx_tokens, verify - len(plan.decode))
         return max(self.min_horizon_s, self.horizon_iters * t_iter)

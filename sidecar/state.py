@@ -254,12 +254,15 @@ class PlannerState:
         """KV slots left for new admissions: free slots minus what admitted requests still
         need for their prompts and `new_token_ratio` of their remaining output (SGLang's
         PrefillAdder reservation; output clipped at `decode_clip` tokens per request)."""
-        free = self.kv_free_tokens
+        prompt_left = output_left = 0
+        admit, best = Decision.ADMIT, Decision.BEST_EFFORT
         for r in self.requests.values():
-            if r.decision in _ADMITTED:
+            d = r.decision
+            if d is admit or d is best:
+                prompt_left += r.prompt_tokens - r.prefilled
                 rest = r.max_new_tokens - r.decoded
-                free -= r.prompt_tokens - r.prefilled + int((rest if rest < decode_clip else decode_clip) * new_token_ratio)
-        return free
+                output_left += rest if rest < decode_clip else decode_clip
+        return self.kv_free_tokens - prompt_left - int(output_left * new_token_ratio)
 
     @property
     def spec_enabled(self) -> bool:

@@ -137,7 +137,7 @@ def test_valid_until_covers_a_few_predicted_iterations(planner):
     planner.observe(arrived("a", prompt=10))
     planner.observe(report(0, 1.0, [m.RequestProgress("a", 10, 1)]))
     plan = planner.plan(1.0)
-    t_iter = planner.cost.iteration_time(0, 3, 2, 11, 2)
+    t_iter = planner.cost.iteration_time(0, 3, 2, 0, 2)  # context from the last report (0)
     assert plan.valid_until_s == pytest.approx(1.0 + max(0.005, 4 * t_iter))
 
 

@@ -13,16 +13,26 @@ from sidecar.policies.fcfs import FcfsConfig, FcfsPolicy
 from sidecar.state import ReqState
 
 
-def _key(r: ReqState) -> tuple[int, int]:
-    return (-r.slo.priority, r.seq)
-
-
 class PriorityPolicy(FcfsPolicy):
     name = "priority"
 
     def order(self, reqs: list[ReqState]) -> list[ReqState]:
-        reqs.sort(key=_key)  # the lists come fresh from PlannerState views: sort in place
-        return reqs
+        """Priority descending, then arrival: a stable bucket pass, O(n) for few priorities
+        (the input is in arrival order)."""
+        buckets: dict[int, list[ReqState]] = {}
+        for r in reqs:
+            p = r.slo.priority
+            b = buckets.get(p)
+            if b is None:
+                buckets[p] = [r]
+            else:
+                b.append(r)
+        if len(buckets) <= 1:
+            return reqs
+        out: list[ReqState] = []
+        for p in sorted(buckets, reverse=True):
+            out.extend(buckets[p])
+        return out
 
     def make_room(self, waiting: ReqState, deficit: int, running: list[ReqState], gone: set[str]) -> list[ReqState]:
         victims, freed = [], 0
