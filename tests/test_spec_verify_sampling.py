@@ -176,3 +176,26 @@ def test_top_p_keeps_smallest_nucleus():
     assert logits_to_probs(logits, 1.0, 0.85).tolist()[0] == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
     sharp = logits_to_probs(logits, 0.5, 1.0)[0]
     assert float(sharp[0]) == pytest.approx(0.25 / (0.25 + 0.09 + 0.0225 + 0.0025))
+
+
+def test_verify_batch_with_per_request_settings():
+    """One packed batch mixing greedy, two sampling settings and sampled chains (p/q rule):
+    every request gets its own target distribution."""
+    settings = [(0.0, 1.0), (0.6, 0.8), (1.3, 1.0)]
+    gen = torch.Generator().manual_seed(11)
+    per_setting = 1500
+    ctxs = [list(PROMPT)] * (len(settings) * per_setting)
+    beams = make_trees("beam", ctxs, gen)
+    chains = make_trees("chain", ctxs, gen)
+    trees = [c if i % 2 else b for i, (b, c) in enumerate(zip(beams, chains))]
+    temps = [settings[i % 3][0] for i in range(len(trees))]
+    tps = [settings[i % 3][1] for i in range(len(trees))]
+    logits = torch.cat([TARGET.tree_logits(t, PROMPT) for t in trees])
+    results = verify_batch(trees, logits, temps, tps, gen)
+    greedy_first = TARGET.greedy_generate(PROMPT, 1)[0]
+    assert all(r.tokens[0] == greedy_first for r in results[0::3])
+    for k in (1, 2):
+        firsts = [(r.tokens[0],) for r in results[k::3]]
+        assert chi_square_p(firsts, expected_first(*settings[k])) > P_MIN
+    with pytest.raises(ValueError, match="one entry per tree"):
+        verify_batch(trees[:2], logits[:trees[0].num_nodes + trees[1].num_nodes], [1.0], [1.0, 1.0])

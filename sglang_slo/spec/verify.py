@@ -70,18 +70,31 @@ class VerifyResult:
         return len(self.nodes)
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+def logits_to_probs(logits: torch.Tensor, temperature: float | Sequence[float] = 1.0,
+                    top_p: float | Sequence[float] = 1.0) -> torch.Tensor:
     """[n, V] logits -> [n, V] probabilities at `temperature`, restricted to the smallest set of
-    most likely tokens whose mass reaches `top_p` (nucleus), renormalized."""
-    if not temperature > 0:
+    most likely tokens whose mass reaches `top_p` (nucleus), renormalized. temperature and
+    top_p are scalars or one value per row."""
+    n = logits.shape[0]
+    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    tps = [float(top_p)] * n if isinstance(top_p, (int, float)) else [float(t) for t in top_p]
+    if len(temps) != n or len(tps) != n:
+        raise ValueError(f"temperature and top_p need a scalar or {n} values (one per row)")
+    if not all(t > 0 for t in temps):
         raise ValueError(f"temperature must be > 0 for sampling (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
+    if not all(0 < t <= 1 for t in tps):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
+    dev = logits.device
+    if len(set(temps)) <= 1:
+        scaled = logits.float() / (temps[0] if temps else 1.0)
+    else:
+        scaled = logits.float() / torch.tensor(temps, device=dev).unsqueeze(1)
+    probs = torch.softmax(scaled, dim=-1)
+    if any(t < 1 for t in tps):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        limit = torch.tensor(tps, device=dev).unsqueeze(1)  # [n, 1]
+        sorted_p = sorted_p.masked_fill(before >= limit, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
@@ -201,19 +214,38 @@ def verify_batch(trees: Sequence[DraftTree], target_logits: torch.Tensor,
                  temperature: Sequence[float], top_p: Sequence[float],
                  generator: torch.Generator | None = None) -> list[VerifyResult]:
     """`verify` for each tree of a batch whose logits are packed in order: [sum n, V].
-    The greedy requests share one argmax and one device->host copy."""
+    Batched: one argmax for the greedy trees, one softmax + one multinomial draw per node for
+    the trees verified by target-draw matching, then host-side walks; sampled trees that
+    keep child_dist go through speculative_sampling_verify one by one."""
     sizes = [t.num_nodes for t in trees]
     if target_logits.dim() != 2 or target_logits.shape[0] != sum(sizes):
         raise ValueError(f"target_logits must be [{sum(sizes)}, vocab], got {tuple(target_logits.shape)}")
     if not len(temperature) == len(top_p) == len(trees):
         raise ValueError("temperature and top_p need one entry per tree")
-    argmax = target_logits.argmax(-1).tolist()
-    out, start = [], 0
-    for tree, n, temp, tp in zip(trees, sizes, temperature, top_p):
-        rows = target_logits[start:start + n]
-        if temp == 0:
-            out.append(_walk_argmax(tree, argmax[start:start + n]))
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    greedy = [i for i, t in enumerate(temperature) if t == 0]
+    match = [i for i, t in enumerate(trees) if temperature[i] != 0 and t.child_dist is None]
+    argmax = target_logits.argmax(-1).tolist() if greedy else []
+    draws: dict[int, list[int]] = {}
+    if match:
+        rows = [r for i in match for r in range(starts[i], starts[i + 1])]
+        probs = logits_to_probs(target_logits[torch.tensor(rows, device=target_logits.device)],
+                                [temperature[i] for i in match for _ in range(sizes[i])],
+                                [top_p[i] for i in match for _ in range(sizes[i])])
+        flat = torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()  # [rows]
+        o = 0
+        for i in match:
+            draws[i] = flat[o:o + sizes[i]]
+            o += sizes[i]
+    out = []
+    for i, tree in enumerate(trees):
+        a, b = starts[i], starts[i + 1]
+        if temperature[i] == 0:
+            out.append(_walk_argmax(tree, argmax[a:b]))
+        elif i in draws:
+            out.append(_walk_argmax(tree, draws[i]))
         else:
-            out.append(verify(tree, rows, temp, tp, generator))
-        start += n
+            out.append(verify(tree, target_logits[a:b], temperature[i], top_p[i], generator))
     return out
