@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from protos import messages as protos
 from sidecar.policies.base import PlanContext, Policy, build_config
-from sidecar.policies.engine_shapes import knee_budget, snap_depth, snap_width
+from sidecar.policies.engine_shapes import covering_budget, knee_budget, snap_depth, snap_width
 from sidecar.policies.prefill_packing import pack
 from sidecar.policies.spec_efficiency import cumulative
 
@@ -135,7 +135,7 @@ class AdaServePolicy(Policy):
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
-            token_budget=budget,
+            token_budget=covering_budget(budget, decode, packing.chunks),
             prefill=packing.chunks,
             decode=decode,
             decisions=packing.decisions,

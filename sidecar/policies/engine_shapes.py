@@ -28,4 +28,11 @@ def knee_budget(cost: CostModel, limits: EngineLimits, factor: float = 2.0) -> i
     return max(1, min(limits.max_batch_tokens, b))
 
 
-__all__ = ["snap_depth", "snap_width", "knee_budget"]
+__all__ = ["snap_depth", "snap_width", "knee_budget", "covering_budget"]
+
+
+def covering_budget(budget: int, decode: list, prefill: list) -> int:
+    """A token budget that runs every planned chunk: engines reserve each decode entry's full
+    tree cap before prefill (sim_scheduler, embedded scheduler), so B >= sum caps + chunks."""
+    need = sum(e.tree_cap for e in decode) + sum(c.tokens for c in prefill)
+    return budget if budget >= need else need

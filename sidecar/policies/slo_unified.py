@@ -33,7 +33,7 @@ import numpy as np
 from protos import messages as protos
 from sidecar.policies.base import PlanContext, Policy, build_config
 from sidecar.policies.edf_admission import Job, admit_edf
-from sidecar.policies.engine_shapes import knee_budget, snap_depth, snap_width
+from sidecar.policies.engine_shapes import covering_budget, knee_budget, snap_depth, snap_width
 from sidecar.policies.prefill_packing import kv_need, pack
 
 Decision = protos.Decision
@@ -219,15 +219,16 @@ class UnifiedPolicy(Policy):
         d_fill = snap_depth(min(dm, int(per_req)), lim, st.spec_enabled) if per_req >= 1 else 0
         w = snap_width(min(cfg.max_width, max(1, int(per_req // max(1, dm)))), lim) if d_fill else 1
         decode: list[protos.DecodeEntry] = []
+        extra = int(per_req)  # fill share per request (tree caps are reserved by the engine)
         for i, r in enumerate(slo_dec):
             m = int(nodes[i])
             depth = snap_depth(max(m - 1, d_fill), lim, st.spec_enabled)
-            cap = max(m, 1 + d_fill * w) if d_fill else m
-            decode.append(protos.DecodeEntry(r.rid, float(a[i]), min(cap, 1 + depth * w), depth, w if depth else 1))
-        be_depth = d_fill
+            cap = min(m + extra, 1 + depth * w) if depth else 1
+            decode.append(protos.DecodeEntry(r.rid, float(a[i]), max(1, cap), depth, w if depth else 1))
         for r in be_dec:
-            decode.append(protos.DecodeEntry(r.rid, 1.0, 1 + be_depth * w, be_depth, w if be_depth else 1))
-        budget = max(used + fill, packing.used + len(decode))
+            cap = min(1 + extra, 1 + d_fill * w) if d_fill else 1
+            decode.append(protos.DecodeEntry(r.rid, 1.0, cap, d_fill, w if d_fill else 1))
+        budget = covering_budget(max(used + fill, packing.used + len(decode)), decode, packing.chunks)
 
         steps = max(d_need, d_fill)
         self._t_running = cost.iteration_time(packing.used, budget - packing.used, steps, context, n_all * steps)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from protos import messages as protos
 from sidecar.policies.base import PlanContext, Policy, build_config
 from sidecar.policies.dp_admission import Candidate, admit_dp
-from sidecar.policies.engine_shapes import snap_depth
+from sidecar.policies.engine_shapes import covering_budget, snap_depth
 from sidecar.policies.prefill_packing import kv_need, pack
 from sidecar.policies.tier_planner import TierPlanner, acc
 from sidecar.state import ReqState
@@ -166,7 +166,7 @@ class SlosServePolicy(Policy):
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
-            token_budget=budget,
+            token_budget=covering_budget(budget, decode, packing.chunks),
             prefill=packing.chunks,
             decode=decode,
             decisions=decisions,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from protos import messages as protos
 from sidecar.policies.base import PlanContext, Policy, build_config
-from sidecar.policies.engine_shapes import snap_depth
+from sidecar.policies.engine_shapes import covering_budget, snap_depth
 from sidecar.policies.prefill_packing import pack
 from sidecar.policies.spec_efficiency import choose_length, cumulative
 
@@ -87,7 +87,7 @@ class SpecServePolicy(Policy):
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
-            token_budget=max(budget, 1),
+            token_budget=covering_budget(max(budget, 1), decode, packing.chunks),
             prefill=packing.chunks,
             decode=decode,
             decisions=packing.decisions,
