@@ -130,7 +130,7 @@ class Planner:
         self.acceptance.clear_requests()
         for snap in msg.requests:
             req = st.add(snap.arrived)
-            req.prefilled = max(req.prefilled, snap.prefilled)
+            req.prefilled = req.reported_prefilled = max(req.prefilled, snap.prefilled)
             req.decoded = snap.decoded
             req.first_token_s = snap.first_token_s
             req.stage = snap.stage
@@ -180,7 +180,7 @@ class Planner:
                 req.decision = Decision.REJECT  # the engine fails it; RequestFinished removes it
             elif d.decision == Decision.PREEMPT:
                 req.decision = Decision.PREEMPT
-                req.prefilled = req.cached_prefix_tokens  # KV freed; prompt recomputed later
+                req.prefilled = req.reported_prefilled = req.cached_prefix_tokens  # KV freed; recomputed later
             else:
                 req.decision = Decision(d.decision)
 

@@ -52,6 +52,8 @@ class ReqState:
     """Depth of its last verified draft path."""
     seq: int = 0
     """Arrival sequence number (FCFS tiebreak, stable across Resync order)."""
+    reported_prefilled: int = 0
+    """`prefilled` as last reported by the engine (without in-flight projections)."""
 
     @classmethod
     def from_arrived(cls, msg: protos.RequestArrived, seq: int = 0) -> "ReqState":
@@ -66,6 +68,7 @@ class ReqState:
             session_id=msg.session_id,
             cached_prefix_tokens=cached,
             prefilled=cached,
+            reported_prefilled=cached,
             stage_starts=[0],
             seq=seq,
         )
@@ -190,6 +193,14 @@ class ReqState:
             del self.stage_starts[self.stage + 1 :]
             self.stage_starts.extend([self.decoded] * (p.stage - self.stage))
             self.stage = p.stage
+        ran = p.prefill_tokens > 0 or p.verified > 0 or p.decoded > self.decoded
+        if p.prefilled < self.reported_prefilled and not ran:
+            # Reported prefill went backwards: the engine freed its KV (engine-side
+            # preemption). It waits again; an admission must bring it back.
+            self.decision = Decision.PREEMPT
+        elif ran and self.decision not in _ADMITTED:
+            self.decision = Decision.ADMIT  # the engine runs it (e.g. its fallback policy)
+        self.reported_prefilled = p.prefilled
         self.prefilled = p.prefilled
         self.decoded = p.decoded
         if p.first_token_s > 0:
@@ -197,8 +208,6 @@ class ReqState:
         if p.depth > 0:
             self.last_accepted = p.accepted
             self.last_depth = p.depth
-        if self.decision not in _ADMITTED and (p.prefilled > self.cached_prefix_tokens or p.decoded > 0):
-            self.decision = Decision.ADMIT  # the engine started it (e.g. its fallback policy)
 
 
 @dataclass(slots=True)

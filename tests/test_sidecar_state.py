@@ -49,7 +49,7 @@ def test_phases_and_cached_prefix():
     r = _req(prompt=100, cached=100)
     assert r.prefilled == 99 and r.remaining_prefill == 1  # the last token is always computed
     assert r.is_waiting and not r.is_decoding
-    r.apply_progress(m.RequestProgress("r", 100, 1, first_token_s=10.5))
+    r.apply_progress(m.RequestProgress("r", 100, 1, prefill_tokens=1, first_token_s=10.5))
     assert r.is_admitted and r.is_decoding  # the engine started it: admitted
     assert r.first_token_s == 10.5 and r.kv_tokens == 101
 
@@ -69,3 +69,16 @@ def test_planner_state_views_and_kv_available():
     assert [r.rid for r in st.waiting()] == ["c"]
     # 800 free - b's 30 prompt tokens - half of the remaining outputs (80 + 10)
     assert st.kv_available(0.5) == 800 - 30 - 40 - 5
+
+
+def test_engine_side_preemption_puts_the_request_back_in_waiting():
+    r = _req(prompt=100)
+    r.apply_progress(m.RequestProgress("r", 100, 5, prefill_tokens=100))
+    assert r.is_decoding
+    r.prefilled = 150  # an in-flight projection above the report must not look like a preemption
+    r.apply_progress(m.RequestProgress("r", 100, 6))
+    assert r.is_decoding
+    r.apply_progress(m.RequestProgress("r", 0, 6))  # KV gone (engine preempted it)
+    assert r.is_waiting and r.decision == m.Decision.PREEMPT and r.remaining_prefill == 100
+    r.apply_progress(m.RequestProgress("r", 40, 6, prefill_tokens=40))  # the engine restarted it itself
+    assert r.is_admitted and not r.is_decoding
