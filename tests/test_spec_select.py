@@ -238,3 +238,23 @@ def test_chain_expected_tokens_and_graph_sizes():
     assert chain_expected_tokens([0.5, 0.5], 0) == 1.0
     assert [graph_size_below(n) for n in (1, 2, 3, 5, 32, 33, 64, 65, 100)] == \
         [1, 1, 2, 4, 16, 32, 32, 64, 96]
+
+
+@settings(max_examples=200, deadline=None)
+@given(chains, st.integers(0, 30))
+def test_trim_chains_agrees_with_tree_selection_on_chains(conf, extra):
+    """Chains are width-1 trees: with no SLO pressure, AdaServe's throughput fill keeps the
+    same expected tokens as SpecServe's trim (both drop the lowest cumulative confidences)."""
+    budget = len(conf) + extra
+    kept = trim_chains(conf, budget)
+    cands = []
+    for c in conf:
+        f = [1.0]
+        for p in c:
+            f.append(f[-1] * p)
+        cands.append(TreeCandidates(f, list(range(-1, len(c)))))
+    sel = select_trees(cands, budget)
+    assert all(n == list(range(len(n))) for n in sel.nodes)  # chains stay prefixes
+    assert sum(len(n) - 1 for n in sel.nodes) == sum(kept)
+    assert sum(sel.expected_tokens) == pytest.approx(
+        sum(chain_expected_tokens(c, k) for c, k in zip(conf, kept)))
