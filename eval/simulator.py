@@ -68,6 +68,8 @@ class SimResult:
     records: list[RequestRecord]
     elapsed_s: float
     """Simulated seconds from 0 to the last event."""
+    window_s: float = 0.0
+    """The workload's arrival window, seconds (the goodput denominator)."""
     stats: dict = field(default_factory=dict)
 
 
@@ -330,7 +332,7 @@ class Simulator:
         st["kv_evictions"] = self.kv.evictions
         st["utilization"] = st["busy_s"] / self.now if self.now > 0 else 0.0
         return SimResult(policy=self.policy or "fallback", records=[r.record for r in self.reqs.values()],
-                         elapsed_s=self.now, stats=st)
+                         elapsed_s=self.now, window_s=self.workload.duration_s, stats=st)
 
 
 def simulate(workload: Workload, hardware: str | Path, policy: str | None = "fcfs", **kw) -> SimResult:
