@@ -89,47 +89,46 @@ class Selection:
         return sum(len(n) for n in self.nodes)
 
 
-def _check(req: TreeCandidates, i: int) -> None:
-    n = len(req.path_prob)
-    if n < 1 or len(req.parent) != n:
-        raise ValueError(f"request {i}: path_prob and parent must be non-empty and equally long "
-                         f"(got {n} and {len(req.parent)})")
-    if req.parent[0] != -1:
-        raise ValueError(f"request {i}: node 0 must be the root (parent -1), got {req.parent[0]}")
-    for v in range(1, n):
-        p = req.parent[v]
-        if not 0 <= p < v:
-            raise ValueError(f"request {i}: parent[{v}] = {p}; need 0 <= parent[v] < v")
-    if req.tree_cap < 1:
-        raise ValueError(f"request {i}: tree_cap must be >= 1 (the root), got {req.tree_cap}")
-
-
-def greedy_order(req: TreeCandidates) -> tuple[list[int], list[float], int]:
+def greedy_order(req: TreeCandidates, index: int = 0) -> tuple[list[int], list[float], int]:
     """The order in which AdaServe adds this request's nodes, up to its tree_cap.
 
     Repeatedly take the highest-f node whose parent is already taken (a frontier max-heap),
     starting from the root. With f(child) <= f(parent) this is the request's global top-f
-    order, and every prefix is a connected subtree.
+    order, and every prefix is a connected subtree. Validates the input (`index` names the
+    request in error messages).
     Returns (nodes, cumulative f after each node, max depth of the candidate tree).
     """
     parent, f = req.parent, req.path_prob
     n = len(f)
+    if n < 1 or len(parent) != n:
+        raise ValueError(f"request {index}: path_prob and parent must be non-empty and equally long "
+                         f"(got {n} and {len(parent)})")
+    if parent[0] != -1:
+        raise ValueError(f"request {index}: node 0 must be the root (parent -1), got {parent[0]}")
+    if req.tree_cap < 1:
+        raise ValueError(f"request {index}: tree_cap must be >= 1 (the root), got {req.tree_cap}")
     children: list[list[int]] = [[] for _ in range(n)]
     depth = [0] * n
     for v in range(1, n):
-        children[parent[v]].append(v)
-        depth[v] = depth[parent[v]] + 1
+        p = parent[v]
+        if not 0 <= p < v:
+            raise ValueError(f"request {index}: parent[{v}] = {p}; need 0 <= parent[v] < v")
+        children[p].append(v)
+        depth[v] = depth[p] + 1
     limit = min(n, req.tree_cap)
     nodes = [0]
     cum = [1.0]  # the root counts 1.0 whatever path_prob[0] says
+    total = 1.0
     heap = [(-f[c], c) for c in children[0]]
     heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
     while heap and len(nodes) < limit:
-        negf, v = heapq.heappop(heap)
+        negf, v = pop(heap)
         nodes.append(v)
-        cum.append(cum[-1] - negf)
+        total -= negf
+        cum.append(total)
         for c in children[v]:
-            heapq.heappush(heap, (-f[c], c))
+            push(heap, (-f[c], c))
     return nodes, cum, max(depth)
 
 
@@ -169,8 +168,7 @@ def select_trees(requests: Sequence[TreeCandidates], budget: int,
     needs: list[int] = []  # nodes (root included) to reach the target, or all allowed nodes
     reachable: list[bool] = []
     for i, req in enumerate(requests):
-        _check(req, i)
-        nodes, cum, max_depth = greedy_order(req)
+        nodes, cum, max_depth = greedy_order(req, i)
         target = min(float(req.min_tokens), max_depth + 1.0)
         k = next((j + 1 for j, c in enumerate(cum) if c >= target - _EPS), None)
         orders.append(nodes)

@@ -40,6 +40,7 @@ from sglang_slo.spec.tree import DraftTree
 __all__ = [
     "VerifyResult",
     "logits_to_probs",
+    "sample_rows",
     "greedy_verify",
     "greedy_verify_batch",
     "sampling_verify",
@@ -100,6 +101,14 @@ def logits_to_probs(logits: torch.Tensor, temperature: float | Sequence[float] =
     return probs
 
 
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n, V] probabilities -> [n] long, one exact draw per row without a device sync
+    (gpt-fast's multinomial_sample_one_no_sync: argmax of p / Exp(1) noise, the exponential
+    form of the Gumbel-max trick; zero-probability tokens are never drawn)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
 def _children(tree: DraftTree) -> tuple[list[list[int]], list[int]]:
     h = tree.host()
     children: list[list[int]] = [[] for _ in h.parents]
@@ -158,7 +167,7 @@ def sampling_verify(tree: DraftTree, target_probs: torch.Tensor,
     target_probs: [n, V] (after temperature / top-p), row v = p(. | path to v)."""
     _check_rows(tree, target_probs, "target_probs")
     # One independent draw per node; the walk uses each at most once.
-    draws = torch.multinomial(target_probs, 1, generator=generator).squeeze(1).tolist()  # [n]
+    draws = sample_rows(target_probs, generator).tolist()  # [n]
     return _walk_argmax(tree, draws)
 
 
@@ -190,7 +199,7 @@ def speculative_sampling_verify(tree: DraftTree, target_probs: torch.Tensor,
             if bool(mass > 0):  # mass 0 only when p == q up to rounding
                 p = residual / mass
         if accepted is None:
-            bonus = int(torch.multinomial(p, 1, generator=generator))
+            bonus = int(sample_rows(p.unsqueeze(0), generator)[0])
             return _result(tree, path, tokens, bonus)
         path.append(accepted)
         node = accepted
@@ -214,7 +223,7 @@ def verify_batch(trees: Sequence[DraftTree], target_logits: torch.Tensor,
                  temperature: Sequence[float], top_p: Sequence[float],
                  generator: torch.Generator | None = None) -> list[VerifyResult]:
     """`verify` for each tree of a batch whose logits are packed in order: [sum n, V].
-    Batched: one argmax for the greedy trees, one softmax + one multinomial draw per node for
+    Batched: one argmax for the greedy trees, one softmax + one draw per node (sample_rows) for
     the trees verified by target-draw matching, then host-side walks; sampled trees that
     keep child_dist go through speculative_sampling_verify one by one."""
     sizes = [t.num_nodes for t in trees]
@@ -234,7 +243,7 @@ def verify_batch(trees: Sequence[DraftTree], target_logits: torch.Tensor,
         probs = logits_to_probs(target_logits[torch.tensor(rows, device=target_logits.device)],
                                 [temperature[i] for i in match for _ in range(sizes[i])],
                                 [top_p[i] for i in match for _ in range(sizes[i])])
-        flat = torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()  # [rows]
+        flat = sample_rows(probs, generator).tolist()  # [rows]
         o = 0
         for i in match:
             draws[i] = flat[o:o + sizes[i]]
