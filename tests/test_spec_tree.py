@@ -91,6 +91,21 @@ def test_beam_search_matches_reference():
             assert got[path] == pytest.approx(lp, abs=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_beam_search_random_shapes(seed):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(V) for _ in range(2)] for _ in range(rng.randint(1, 5))]
+    depths = [rng.randint(0, 4) for _ in prompts]
+    widths = [rng.randint(1, 4) for _ in prompts]
+    trees = build_trees(DRAFT.draft_step(prompts), torch.tensor([p[-1] for p in prompts]), depths, widths)
+    for prompt, d, w, tree in zip(prompts, depths, widths, trees):
+        check_structure(tree)
+        ref = brute_beam(prompt, d, w)
+        got = tree_paths(tree)
+        assert got.keys() == ref.keys()
+        assert all(got[k] == pytest.approx(ref[k], abs=1e-4) for k in ref)
+
+
 def test_width_larger_than_vocab_and_bad_callbacks():
     tiny = TableLM.random(3, seed=5)
     prompts = [[0, 1]]
