@@ -1,0 +1,108 @@
+"""`EmbeddedDriver`: the bridge's view of the embedded `Engine` plus its planner link.
+
+Runs on the engine thread. Each iteration: take the newest plans from the link, step the
+engine, forward its events (RequestFinished..., IterationReport) to the planner, and turn
+its output into a `StepResult`. Without a link (or while the sidecar is down) the engine's
+own fallback policy runs; the engine never waits for the planner.
+
+The engine does not track SLO stages; the bridge detects stage markers and this driver
+stamps the stage into the `RequestProgress` / `RequestSnapshot` it sends, so the planner
+sees reasoning requests switch from think to answer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from protos import messages as protos
+from sglang_slo.engine.engine import Engine
+from sglang_slo.engine.request import InvalidRequestError
+from sglang_slo.server.driver import StepResult
+from sglang_slo.server.metrics import ServerMetrics
+from sglang_slo.slo import SloRequest
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedDriver:
+    """Adapter Engine (+ optional planner link) -> `Driver`."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics, link=None):
+        self.engine = engine
+        self.metrics = metrics
+        self.link = link
+        """`sglang_slo.engine.planner_link.PlannerLink` or None (fallback policy only)."""
+        self.stages: dict[str, int] = {}
+        metrics.kv_capacity.set(engine.tables.target.capacity_tokens)
+        metrics.kv_free.set(engine.tables.free_tokens)
+
+    # ---- Driver ------------------------------------------------------------------------
+
+    def add(self, rid: str, prompt_ids: list[int], params, intake: SloRequest, arrival_s: float) -> str:
+        try:
+            arrived = self.engine.add_request(rid, prompt_ids, params, intake.slo, intake.session_id)
+        except InvalidRequestError as e:
+            return str(e)
+        if self.link is not None:
+            self.link.send([arrived])
+        return ""
+
+    def abort(self, rid: str) -> None:
+        self.engine.abort(rid, "client disconnected")
+        self.stages.pop(rid, None)
+        self.metrics.kv_free.set(self.engine.tables.free_tokens)
+
+    def set_stage(self, rid: str, stage: int) -> None:
+        self.stages[rid] = stage
+
+    def has_work(self) -> bool:
+        return self.engine.has_work
+
+    def step(self) -> StepResult:
+        self._take_plans()
+        out = self.engine.step()
+        res = StepResult(new_tokens=out.new_tokens)
+        for f in out.finished:
+            res.finished[f.rid] = (f.reason, f.message)
+            self.stages.pop(f.rid, None)
+        report = out.report
+        if report is not None:
+            for p in report.progress:
+                if p.verified:
+                    res.spec[p.rid] = (1, p.accepted)
+                    self.metrics.spec_verified.inc(p.verified)
+                    self.metrics.spec_accepted.inc(p.accepted)
+                p.stage = self.stages.get(p.rid, 0)
+            planned = report.plan_step >= 0
+            self.metrics.iterations.labels(str(planned).lower()).inc()
+            if not planned:
+                self.metrics.fallback.inc()
+            self.metrics.kv_free.set(report.kv_free_tokens)
+            self.metrics.waiting.set(report.waiting)
+        if self.link is not None:
+            self.link.send(out.events)
+        return res
+
+    def idle(self) -> None:
+        self._take_plans()
+        self.metrics.kv_free.set(self.engine.tables.free_tokens)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    # ---- planner link --------------------------------------------------------------------
+
+    def resync(self) -> protos.Resync:
+        """The engine's in-flight state with the stages this driver tracked."""
+        msg = self.engine.resync()
+        for snap in msg.requests:
+            snap.stage = self.stages.get(snap.arrived.rid, 0)
+        return msg
+
+    def _take_plans(self) -> None:
+        if self.link is None:
+            return
+        for plan in self.link.poll():
+            self.metrics.plan_latency.observe(plan.plan_latency_s)
+            self.engine.apply_plan(plan)

@@ -1,0 +1,125 @@
+"""`ServerRuntime`: builds and owns everything `sglang-slo serve` runs, and shuts it down in order.
+
+    rt = ServerRuntime.create(args)   # models, engine, sidecar + handshake, app
+    asyncio.run(rt.serve())           # uvicorn until SIGINT/SIGTERM
+    rt.shutdown()                     # engine thread, sidecar (idempotent)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from protos.channel import ipc_endpoint
+from sglang_slo.engine.engine import Engine, EngineConfig
+from sglang_slo.engine.loader import load_model
+from sglang_slo.engine.request import SamplingParams
+from sglang_slo.engine.scheduler import SchedulerConfig
+from sglang_slo.engine.tokenizer import Tokenizer
+from sglang_slo.server.app import ServerContext, build_app
+from sglang_slo.server.bridge import EngineBridge
+from sglang_slo.server.embedded import EmbeddedDriver
+from sglang_slo.server.metrics import ServerMetrics
+from sglang_slo.server.planner_client import SidecarLink
+from sglang_slo.server.sidecar_proc import SidecarSupervisor
+from sglang_slo.slo import SloCatalog
+
+log = logging.getLogger("sglang_slo.server")
+
+
+@dataclass
+class ServerRuntime:
+    args: argparse.Namespace
+    ctx: ServerContext
+    bridge: EngineBridge
+    supervisor: SidecarSupervisor | None
+    link: SidecarLink | None
+    _down: bool = False
+
+    @classmethod
+    def create(cls, args: argparse.Namespace) -> ServerRuntime:
+        import torch
+
+        from sglang_slo.server.launch import default_hardware
+
+        model_dir = Path(args.model)
+        tokenizer = Tokenizer.load(model_dir)
+        dtype = getattr(torch, args.dtype)
+        target = load_model(model_dir, dtype=dtype)
+        draft = load_model(args.draft, dtype=dtype) if args.draft else None
+        sched = SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_running=args.max_running)
+        engine = Engine(target, draft, EngineConfig(kv_capacity_tokens=args.kv_capacity_tokens, scheduler=sched,
+                                                    dtype=args.dtype))
+        catalog = SloCatalog.load(args.slo_classes, args.unloaded_tpot_ms / 1000.0 if args.unloaded_tpot_ms else None,
+                                  default=args.default_slo_class)
+        metrics = ServerMetrics()
+        driver = EmbeddedDriver(engine, metrics)
+        supervisor = link = None
+        if not args.no_sidecar:
+            endpoint = ipc_endpoint("planner")
+            link = SidecarLink(endpoint, engine.hello, driver.resync)
+
+            def restarted(n: int) -> None:
+                metrics.sidecar_restarts.inc()
+                link.restart()
+
+            extra = [a for kv in args.sidecar_set for a in ("--set", kv)]
+            supervisor = SidecarSupervisor(endpoint, args.policy, args.hardware or default_hardware(), extra,
+                                           on_restart=restarted, log_path=args.sidecar_log)
+            supervisor.start()
+            try:
+                w = link.handshake(args.handshake_timeout_s)
+            except (TimeoutError, RuntimeError):
+                supervisor.stop()
+                link.close()
+                raise
+            log.info("planner sidecar (pid %s) welcomed the engine: policy %s", supervisor.pid, w.policy)
+            driver.link = link
+        bridge = EngineBridge(driver, metrics, max_in_flight=args.max_in_flight)
+
+        def debug_state() -> dict:
+            return {
+                "kv_free_tokens": engine.tables.free_tokens,
+                "kv_capacity_tokens": engine.tables.target.capacity_tokens,
+                "engine_requests": len(engine.requests),
+                "sidecar_pid": supervisor.pid if supervisor else None,
+                "sidecar_restarts": supervisor.restarts if supervisor else 0,
+                "planner_welcomed": bool(link and link.welcomed),
+                "planner_handshakes": link.handshakes if link else 0,
+                "plans_received": link.plans if link else 0,
+                "policy": args.policy if link else "fallback",
+            }
+
+        ctx = ServerContext(
+            tokenizer=tokenizer, bridge=bridge, catalog=catalog, metrics=metrics,
+            model_name=args.model_name or model_dir.name, model_path=str(model_dir),
+            max_context=engine.max_context, api_key=args.api_key, make_params=SamplingParams,
+            debug_state=debug_state,
+        )
+        return cls(args, ctx, bridge, supervisor, link)
+
+    async def serve(self) -> int:
+        app = build_app(self.ctx)
+        self.bridge.start(asyncio.get_running_loop())
+        config = uvicorn.Config(app, host=self.args.host, port=self.args.port, log_level="warning",
+                                timeout_graceful_shutdown=5, access_log=False)
+        server = uvicorn.Server(config)
+        print(f"sglang-slo: serving {self.ctx.model_name} on http://{self.args.host}:{self.args.port} "
+              f"(policy {self.args.policy if self.link else 'fallback only'})", flush=True)
+        await server.serve()
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop the engine thread, then the sidecar (idempotent)."""
+        if self._down:
+            return
+        self._down = True
+        self.bridge.stop()
+        if self.supervisor:
+            self.supervisor.stop()
+        log.info("sglang-slo: stopped")
