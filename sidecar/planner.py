@@ -179,8 +179,7 @@ class Planner:
             if d.decision == Decision.REJECT:
                 req.decision = Decision.REJECT  # the engine fails it; RequestFinished removes it
             elif d.decision == Decision.PREEMPT:
-                req.decision = Decision.PREEMPT
-                req.prefilled = req.reported_prefilled = req.cached_prefix_tokens  # KV freed; recomputed later
+                req.preempted(req.cached_prefix_tokens)  # KV freed; prompt + output recomputed later
             else:
                 req.decision = Decision(d.decision)
 

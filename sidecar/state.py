@@ -29,6 +29,8 @@ class ReqState:
 
     rid: str
     prompt_tokens: int
+    """Tokens to prefill before decoding: the prompt, plus after a preemption the output
+    tokens whose KV must be recomputed (all but the last, which is the next decode root)."""
     max_new_tokens: int
     slo: protos.Slo
     arrival_s: float
@@ -54,6 +56,8 @@ class ReqState:
     """Arrival sequence number (FCFS tiebreak, stable across Resync order)."""
     reported_prefilled: int = 0
     """`prefilled` as last reported by the engine (without in-flight projections)."""
+    input_tokens: int = 0
+    """The prompt length as it arrived."""
 
     @classmethod
     def from_arrived(cls, msg: protos.RequestArrived, seq: int = 0) -> "ReqState":
@@ -69,6 +73,7 @@ class ReqState:
             cached_prefix_tokens=cached,
             prefilled=cached,
             reported_prefilled=cached,
+            input_tokens=msg.prompt_tokens,
             stage_starts=[0],
             seq=seq,
         )
@@ -180,6 +185,13 @@ class ReqState:
             starts.append(pos)
         return starts
 
+    def preempted(self, kv_kept: int = 0) -> None:
+        """Its KV is gone (kept: `kv_kept` tokens of prefix cache): back to waiting, and the
+        output so far must be prefilled again before it decodes (recompute, as SGLang's retract)."""
+        self.decision = Decision.PREEMPT
+        self.prompt_tokens = self.input_tokens + max(0, self.decoded - 1)
+        self.prefilled = self.reported_prefilled = max(0, min(kv_kept, self.prompt_tokens - 1))
+
     @property
     def next_token_deadline_s(self) -> float:
         """Deadline of the next output token."""
@@ -193,13 +205,16 @@ class ReqState:
             del self.stage_starts[self.stage + 1 :]
             self.stage_starts.extend([self.decoded] * (p.stage - self.stage))
             self.stage = p.stage
-        ran = p.prefill_tokens > 0 or p.verified > 0 or p.decoded > self.decoded
+        decoded_now = p.verified > 0 or p.decoded > self.decoded
+        ran = decoded_now or p.prefill_tokens > 0
         if p.prefilled < self.reported_prefilled and not ran:
             # Reported prefill went backwards: the engine freed its KV (engine-side
             # preemption). It waits again; an admission must bring it back.
-            self.decision = Decision.PREEMPT
+            self.preempted(p.prefilled)
         elif ran and self.decision not in _ADMITTED:
             self.decision = Decision.ADMIT  # the engine runs it (e.g. its fallback policy)
+        if decoded_now and self.prompt_tokens != self.input_tokens:
+            self.prompt_tokens = self.input_tokens  # recompute finished: it decodes again
         self.reported_prefilled = p.prefilled
         self.prefilled = p.prefilled
         self.decoded = p.decoded
@@ -268,7 +283,9 @@ class PlannerState:
         for r in self.requests.values():
             d = r.decision
             if d is admit or d is best:
-                prompt_left += r.prompt_tokens - r.prefilled
+                rest = r.prompt_tokens - r.prefilled
+                if rest > 0:
+                    prompt_left += rest
                 rest = r.max_new_tokens - r.decoded
                 output_left += rest if rest < decode_clip else decode_clip
         return self.kv_free_tokens - prompt_left - int(output_left * new_token_ratio)

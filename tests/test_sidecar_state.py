@@ -79,6 +79,11 @@ def test_engine_side_preemption_puts_the_request_back_in_waiting():
     r.apply_progress(m.RequestProgress("r", 100, 6))
     assert r.is_decoding
     r.apply_progress(m.RequestProgress("r", 0, 6))  # KV gone (engine preempted it)
-    assert r.is_waiting and r.decision == m.Decision.PREEMPT and r.remaining_prefill == 100
+    assert r.is_waiting and r.decision == m.Decision.PREEMPT
+    assert r.remaining_prefill == 105  # prompt + all output but the next decode root
     r.apply_progress(m.RequestProgress("r", 40, 6, prefill_tokens=40))  # the engine restarted it itself
-    assert r.is_admitted and not r.is_decoding
+    assert r.is_admitted and not r.is_decoding and r.remaining_prefill == 65
+    r.apply_progress(m.RequestProgress("r", 105, 6, prefill_tokens=65))  # recompute done (uncapped report)
+    assert r.is_decoding
+    r.apply_progress(m.RequestProgress("r", 100, 8, verified=2, accepted=1, depth=2))  # decoding again
+    assert r.is_decoding and r.prompt_tokens == 100 and r.remaining_prefill == 0

@@ -71,8 +71,9 @@ class FcfsPolicy(Policy):
 
     def reservation(self, r: ReqState) -> int:
         """KV tokens a request still needs: rest of its prompt + new_token_ratio of its output."""
-        rest = r.max_new_tokens - r.decoded
-        return r.prompt_tokens - r.prefilled + int((rest if rest < 4096 else 4096) * self.config.new_token_ratio)
+        out = r.max_new_tokens - r.decoded
+        prompt = r.prompt_tokens - r.prefilled
+        return (prompt if prompt > 0 else 0) + int((out if out < 4096 else 4096) * self.config.new_token_ratio)
 
     def plan(self, ctx: PlanContext) -> protos.Plan:
         cfg, state = self.config, ctx.state
