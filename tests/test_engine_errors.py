@@ -64,16 +64,16 @@ def test_nan_logits_abort_only_that_request(pair):
 def test_thousands_of_mixed_finishes_and_aborts_never_leak_kv(pair):
     """Small KV (preemptions), random aborts, stop tokens, EOS, length limits, plans and fallback."""
     target, draft = tiny_pair(seed=9, eos=(3,))
-    eng = make_engine(target, draft, kv_tokens=384, block_size=4, fallback_depth=3, fallback_width=2,
+    eng = make_engine(target, draft, kv_tokens=256, block_size=4, fallback_depth=3, fallback_width=2,
                       fallback_tree_cap=6, fallback_budget=48, max_running=24)
     rng = random.Random(11)
-    n_req, finished, reasons, step, preempted = 0, 0, {}, 0, False
+    n_req, finished, reasons, step = 0, 0, {}, 0
     while finished < 2000:
         for _ in range(rng.randint(0, 6)):
             prompt = [rng.randrange(64) for _ in range(rng.randint(1, 40))]
             params = SamplingParams(max_new_tokens=rng.randint(1, 20), ignore_eos=rng.random() < 0.5,
                                     temperature=rng.choice([0.0, 0.0, 1.0]), top_p=rng.choice([1.0, 0.8]),
-                                    stop_token_ids=(rng.randrange(64),) if rng.random() < 0.3 else ())
+                                    stop_token_ids=(rng.randrange(64),) if rng.random() < 0.3 else (), seed=n_req)
             eng.add_request(f"q{n_req}", prompt, params, SLO)
             n_req += 1
         if eng.requests and rng.random() < 0.3:
@@ -94,7 +94,6 @@ def test_thousands_of_mixed_finishes_and_aborts_never_leak_kv(pair):
             finished += 1
             reasons[f.reason] = reasons.get(f.reason, 0) + 1
         eng.check_kv()  # after every step: held blocks == blocks of live requests
-        preempted |= any(r.num_preemptions for r in eng.requests.values())
         step += 1
     for rid in list(eng.requests):
         eng.abort(rid)
@@ -103,4 +102,4 @@ def test_thousands_of_mixed_finishes_and_aborts_never_leak_kv(pair):
     assert eng.tables.target.allocator.num_used == eng.tables.num_reserved
     assert eng.tables.draft.allocator.num_used == eng.tables.num_reserved
     assert {FR.STOP, FR.LENGTH, FR.ABORT, FR.REJECTED} <= set(reasons), reasons
-    assert preempted  # the small cache forced preemptions along the way
+    assert eng.scheduler.num_preemptions > 0  # the small cache forced preemptions along the way

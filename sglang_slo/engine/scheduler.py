@@ -102,6 +102,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.last_budget = config.fallback_budget
         self.last_entries: dict[str, protos.DecodeEntry] = {}  # rid -> last planned spec params
+        self.num_preemptions = 0
 
     # ---- queues ------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_computed = req.num_draft_computed = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.insert(0, req)
 
     @property
