@@ -156,8 +156,11 @@ class CostModel:
 
     # ---- online refit -----------------------------------------------------------------
 
-    def observe(self, report: protos.IterationReport) -> None:
-        """Update the model from one measured iteration (robust to outliers)."""
+    def observe(self, report: protos.IterationReport, defer_refit: bool = False) -> None:
+        """Update the model from one measured iteration (robust to outliers).
+
+        The scale updates at once; a due windowed refit (~ms) runs now, or with
+        `defer_refit` at the next `refit_if_due()` (the sidecar runs it after sending its plan)."""
         measured = report.end_s - report.start_s
         if report.forward_s > 0 and not measured > 0:
             measured = report.forward_s
@@ -177,9 +180,16 @@ class CostModel:
             self.scale = (1 - self.ewma) * self.scale + self.ewma * ratio
         self._samples.append(row)
         self._since_refit += 1
-        if self.refit_every and self._since_refit >= self.refit_every:
-            self._since_refit = 0
-            self._refit_from_window()
+        if not defer_refit:
+            self.refit_if_due()
+
+    def refit_if_due(self) -> bool:
+        """Run the windowed refit if `refit_every` observations arrived since the last one."""
+        if not self.refit_every or self._since_refit < self.refit_every:
+            return False
+        self._since_refit = 0
+        self._refit_from_window()
+        return True
 
     def _refit_from_window(self) -> None:
         rows = np.asarray(self._samples, dtype=np.float64)
@@ -282,16 +292,22 @@ def _nnls_fit(rows: np.ndarray, knee: int, fixed: Mapping[str, float]) -> tuple[
     return coefs, float(resid @ resid)
 
 
-def _knee_grid(rows: np.ndarray, current: int) -> list[int]:
+def _knee_grid(rows: np.ndarray, current: int, points: int = 20) -> list[int]:
+    """Candidate knees: a geometric grid over the observed batch sizes plus the current knee
+    and its neighbourhood (bounded size: an online refit must stay ~1 ms)."""
     n = rows[:, 0] + rows[:, 1]
-    lo, hi = float(n.min()), float(n.max())
-    grid = {0, int(current)} | {int(v) for v in np.unique(n)}
-    grid |= {int(v) for v in np.geomspace(max(1.0, lo), max(2.0, hi), 24)}
+    lo, hi = max(1.0, float(n.min())), max(2.0, float(n.max()))
+    grid = {0} | {int(v) for v in np.geomspace(lo, hi, points)}
+    if current > 0:
+        grid |= {int(current * f) for f in (0.8, 0.9, 1.0, 1.1, 1.25)}
+    if len(np.unique(n)) <= 4 * points:  # few distinct sizes (profiles, tables): try each
+        grid |= {int(v) for v in np.unique(n)}
     return sorted(k for k in grid if k <= hi)
 
 
 def _rmse(model: CostModel, rows: np.ndarray) -> float:
-    pred = np.array([model.iteration_time(*map(int, r[:5])) for r in rows])
+    coefs = np.array([getattr(model, name) for name in COEFS])
+    pred = model.scale * (_features(rows, model.knee_tokens) @ coefs)
     return float(np.sqrt(np.mean((pred - rows[:, 5]) ** 2)))
 
 

@@ -44,6 +44,8 @@ class Planner:
         self.min_horizon_s = min_horizon_s
         self.skipped_unknown = 0
         """Messages about rids the planner does not know (logged, skipped)."""
+        self.defer_upkeep = False
+        """True: slow model upkeep (cost refit) waits for `upkeep()` instead of running in observe()."""
         self._inflight: list[protos.Plan] = []
         """Plans sent for steps the engine has not reported yet (pipelining)."""
 
@@ -106,7 +108,7 @@ class Planner:
             req.apply_progress(p)
             if p.depth > 0:
                 acceptance.observe(p.rid, req.slo.slo_class, p)
-        self.cost.observe(rep)
+        self.cost.observe(rep, defer_refit=self.defer_upkeep)
         self._project_inflight(rep.step)
 
     def _project_inflight(self, step: int) -> None:
@@ -145,6 +147,11 @@ class Planner:
         self.skipped_unknown += 1
         if self.skipped_unknown <= 10 or self.skipped_unknown % 1000 == 0:
             log.warning("planner: %s for unknown request %r skipped (%d so far)", what, rid, self.skipped_unknown)
+
+    def upkeep(self) -> None:
+        """Slow model maintenance, off the plan's critical path (the sidecar calls it after
+        sending a plan): the cost model's windowed refit when due."""
+        self.cost.refit_if_due()
 
     # ---- planning ---------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class PlannerProc:
 
     def __init__(self, endpoint: str, planner: Planner, policy_name: str = ""):
         self.planner = planner
+        planner.defer_upkeep = True  # refits run after the plan is sent, not before
         self.policy_name = policy_name or planner.policy.name
         self.channel = PlannerChannel(endpoint)
         self.endpoint = self.channel.endpoint
@@ -117,3 +118,4 @@ class PlannerProc:
             return
         if self.channel.send(self.engine_id, plan):  # type: ignore[arg-type]
             self.plans_sent += 1
+        self.planner.upkeep()

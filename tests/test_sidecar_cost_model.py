@@ -164,3 +164,15 @@ def test_load_profile_names_the_file(tmp_path):
 def test_engine_limits_from_hello():
     lim = EngineLimits.from_hello(m.EngineHello(1, "sim", [m.SpecMode.CHAIN], 512, 9000, 6, 2, [4, 2], 32))
     assert lim == EngineLimits(9000, 512, 6, 2, (2, 4), 32)
+
+
+def test_deferred_refit_waits_for_refit_if_due():
+    other = CostModel(base_s=0.02, k_tok_s=1e-5, k_knee_s=5e-5, knee_tokens=512, k_ctx_s=1e-7)
+    model = CostModel(**TRUE.coefficients(), refit_every=64, window=128)
+    rng = random.Random(2)
+    for i in range(64):
+        n = rng.randint(1, 3000)
+        model.observe(_report(i, float(i), n, 1000, other.iteration_time(0, n, 0, 1000)), defer_refit=True)
+    assert model.base_s == TRUE.base_s  # nothing refit yet (the scale moved, the shape did not)
+    assert model.refit_if_due() and model.base_s != TRUE.base_s
+    assert not model.refit_if_due()  # not due again until 64 more observations
