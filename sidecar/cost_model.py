@@ -176,7 +176,9 @@ class CostModel:
         )
         base = self.iteration_time(*row[:5]) / self.scale
         if base > 0:
-            ratio = min(4.0, max(0.25, measured / base))  # clip: one stall must not swing it
+            # Clip around the current scale: one stall must not swing it, yet a profile that
+            # is off by 10x still converges (geometrically, a factor <= 4 per observation).
+            ratio = min(4.0 * self.scale, max(0.25 * self.scale, measured / base))
             self.scale = (1 - self.ewma) * self.scale + self.ewma * ratio
         self._samples.append(row)
         self._since_refit += 1

@@ -22,6 +22,7 @@ from sidecar.planner import Planner
 log = logging.getLogger(__name__)
 
 _POLL_MS = 50  # how often the loop checks the stop flag while idle
+_STATS_EVERY_S = 10.0  # period of the INFO stats line
 
 
 class PlannerProc:
@@ -36,6 +37,8 @@ class PlannerProc:
         self.engine_id: bytes | None = None
         self._stop = False
         self.plans_sent = 0
+        self._window = [0, 0.0, 0.0]  # plans, summed latency (s), max latency (s) since the last stats line
+        self._next_stats = time.monotonic() + _STATS_EVERY_S
 
     def stop(self, *_: object) -> None:
         """Ask the loop to exit (signal-handler safe)."""
@@ -55,9 +58,10 @@ class PlannerProc:
         try:
             while not self._stop:
                 got = self.channel.recv(_POLL_MS)
-                if got is None:
-                    continue
-                self._handle_batch(got)
+                if got is not None:
+                    self._handle_batch(got)
+                if time.monotonic() >= self._next_stats:
+                    self._log_stats()
         finally:
             self.channel.close()
             log.info("planner: stopped after %d plans", self.plans_sent)
@@ -85,6 +89,19 @@ class PlannerProc:
             got = self.channel.recv(0)
         if replan_for is not None and self.engine_id is not None:
             self._send_plan(replan_for, recv_t)
+
+    def _log_stats(self) -> None:
+        n, total, worst = self._window
+        st = self.planner.state
+        if n:
+            log.info(
+                "planner: %d plans in %.0f s (latency mean %.3f ms, max %.3f ms), %d requests, step %d, "
+                "cost scale %.2f, unknown-rid skips %d",
+                n, _STATS_EVERY_S, 1e3 * total / n, 1e3 * worst, len(st.requests), st.step,
+                self.planner.cost.scale, self.planner.skipped_unknown,
+            )
+        self._window = [0, 0.0, 0.0]
+        self._next_stats = time.monotonic() + _STATS_EVERY_S
 
     def _welcome(self, engine_id: bytes, hello: protos.EngineHello) -> None:
         reason = protos.check_hello(hello)
@@ -118,4 +135,8 @@ class PlannerProc:
             return
         if self.channel.send(self.engine_id, plan):  # type: ignore[arg-type]
             self.plans_sent += 1
+            w = self._window
+            w[0] += 1
+            w[1] += plan.plan_latency_s
+            w[2] = max(w[2], plan.plan_latency_s)
         self.planner.upkeep()

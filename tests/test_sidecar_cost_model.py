@@ -86,6 +86,13 @@ def test_online_scale_tracks_a_slower_machine():
     assert model.iteration_time(0, 700, 0, 5000) == pytest.approx(1.5 * TRUE.iteration_time(0, 700, 0, 5000), rel=0.03)
 
 
+def test_online_scale_converges_even_when_the_profile_is_far_off():
+    model = CostModel(**TRUE.coefficients(), refit_every=0)
+    for i in range(400):
+        model.observe(_report(i, float(i), 64, 0, 10.0 * TRUE.iteration_time(0, 64, 0, 0)))
+    assert model.scale == pytest.approx(10.0, rel=0.02)
+
+
 def test_online_scale_is_robust_to_a_stall():
     model = CostModel(**TRUE.coefficients(), refit_every=0)
     model.observe(_report(0, 0.0, 100, 0, 50.0))  # a 50 s hiccup
