@@ -140,3 +140,26 @@ def test_bad_arguments_exit_with_a_message():
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )
     assert out.returncode == 2 and "unknown policy 'nope'" in out.stderr
+
+
+def test_messages_without_a_hello_are_ignored(sidecar):
+    stranger = EngineChannel(sidecar)
+    deadline = time.monotonic() + 10
+    while not stranger.send(m.IterationReport(0, 0.0, 0.01, -1, 0, 0, 0, 0, 1000)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert stranger.recv(300) is None
+    stranger.close()
+
+
+def test_burst_of_reports_gets_plans_on_the_newest_state(sidecar):
+    ch, _ = connect(sidecar)
+    ch.send(m.Resync(now_s=0.0, step=100, requests=[], kv_free_tokens=50_000))
+    assert recv_plan(ch).based_on_step == 100
+    for step in range(101, 111):
+        ch.send(m.IterationReport(step, step * 0.01, step * 0.01 + 0.01, -1, 0, 0, 0, 0, 50_000))
+    seen = []
+    while not seen or seen[-1] != 110:
+        seen.append(recv_plan(ch).based_on_step)
+    assert seen == sorted(seen) and len(seen) <= 10  # queued reports are drained before planning
+    ch.close()
