@@ -147,12 +147,11 @@ class CostModel:
             return 0
         lo = self.k_tok_s
         at_knee = lo * self.knee_tokens
-        if left <= at_knee:  # below the knee (lo > 0 here, else at_knee == 0 < left)
+        if left < at_knee:  # below the knee (so lo > 0)
             return int(left / lo + 1e-9)
         hi = lo + self.k_knee_s
-        if hi <= 0:
-            return _INF_TOKENS
-        return min(_INF_TOKENS, int(self.knee_tokens + (left - at_knee) / hi + 1e-9))
+        n = self.knee_tokens + (left - at_knee) / hi + 1e-9 if hi > 0 else math.inf
+        return _INF_TOKENS if n >= _INF_TOKENS else int(n)
 
     # ---- online refit -----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from protos import messages as m
 from sidecar.cost_model import CostModel, EngineLimits, load_profile, profile_from_dict
@@ -183,3 +184,19 @@ def test_deferred_refit_waits_for_refit_if_due():
     assert model.base_s == TRUE.base_s  # nothing refit yet (the scale moved, the shape did not)
     assert model.refit_if_due() and model.base_s != TRUE.base_s
     assert not model.refit_if_due()  # not due again until 64 more observations
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.floats(0.0, 0.05), lo=st.floats(0.0, 1e-4), hi=st.floats(0.0, 1e-3), knee=st.integers(0, 4096),
+    ctx=st.floats(0.0, 1e-7), seconds=st.floats(0.0, 2.0), steps=st.integers(0, 8), context=st.integers(0, 10**6),
+)
+def test_max_tokens_within_inverts_any_model(base, lo, hi, knee, ctx, seconds, steps, context):
+    model = CostModel(base_s=base, k_tok_s=lo, k_knee_s=hi, knee_tokens=knee, k_ctx_s=ctx, d_step_s=1e-4)
+    n = model.max_tokens_within(seconds, draft_steps=steps, context_tokens=context)
+    assert n >= 0
+    if n == 0:
+        assert model.iteration_time(0, 1, steps, context) > seconds - 1e-12 or lo + hi == 0
+    elif n < 1 << 30:
+        assert model.iteration_time(0, n, steps, context) <= seconds * (1 + 1e-9) + 1e-12
+        assert model.iteration_time(0, n + 1, steps, context) > seconds * (1 - 1e-9) - 1e-12

@@ -134,12 +134,21 @@ def test_sigterm_exits_cleanly():
     assert "stopped after" in err
 
 
-def test_bad_arguments_exit_with_a_message():
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--policy", "nope", "--hardware", str(HW)], "unknown policy 'nope'"),
+        (["--policy", "fcfs", "--hardware", "/no/such/profile.yaml"], "cannot read"),
+        (["--policy", "fcfs", "--hardware", str(HW), "--set", "chunk_size"], "KEY=VALUE"),
+        (["--policy", "fcfs", "--hardware", str(HW), "--set", "bogus=1"], "unknown option"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(args, needle):
     out = subprocess.run(
-        [sys.executable, "-m", "sidecar", "--endpoint", ipc_endpoint("bad"), "--policy", "nope", "--hardware", str(HW)],
+        [sys.executable, "-m", "sidecar", "--endpoint", ipc_endpoint("bad"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )
-    assert out.returncode == 2 and "unknown policy 'nope'" in out.stderr
+    assert out.returncode == 2 and needle in out.stderr
 
 
 def test_messages_without_a_hello_are_ignored(sidecar):
