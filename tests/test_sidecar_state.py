@@ -87,3 +87,27 @@ def test_engine_side_preemption_puts_the_request_back_in_waiting():
     assert r.is_decoding
     r.apply_progress(m.RequestProgress("r", 100, 8, verified=2, accepted=1, depth=2))  # decoding again
     assert r.is_decoding and r.prompt_tokens == 100 and r.remaining_prefill == 0
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+stage_st = st.builds(m.Stage, tpot_s=st.floats(0.001, 0.5), tokens=st.integers(0, 50), ttft_s=st.floats(0.0, 1.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(stages=st.lists(stage_st, max_size=4), decoded=st.integers(0, 120), stage=st.integers(0, 3),
+       first=st.floats(0.0, 15.0))
+def test_deadlines_never_decrease_and_match_slos_serve_for_two_stages(stages, decoded, stage, first):
+    slo = m.Slo(1.0, stages[0].tpot_s if stages else 0.05, stages=stages)
+    r = _req(slo=slo)
+    r.prefilled, r.first_token_s = 100, first
+    r.apply_progress(m.RequestProgress("r", 100, decoded, stage=min(stage, max(0, len(stages) - 1))))
+    ds = [r.token_deadline(n) for n in range(1, 150)]
+    assert all(b >= a for a, b in zip(ds, ds[1:]))
+    assert ds[0] == pytest.approx(max(11.0, first))
+    if len(stages) == 2 and stages[0].tokens > 0 and r.stage == 0 and decoded <= stages[0].tokens:
+        g, t0 = stages[0].tokens, max(11.0, first)
+        for n in (1, g, g + 1, g + 7):  # ttnt(n) = (min(g, n) - 1) tpot_0 + max(n - g, 0) tpot_1 (+ stage-1 allowance)
+            extra = stages[1].ttft_s if n > g else 0.0
+            want = t0 + (min(g, n) - 1) * stages[0].tpot_s + max(n - g, 0) * stages[1].tpot_s + extra
+            assert r.token_deadline(n) == pytest.approx(want)
