@@ -16,6 +16,8 @@ express (its context is all-visible), so tree steps build their attention group 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sglang_slo.engine.attention import AttentionBatch, AttentionGroup, SequenceInput
@@ -36,14 +38,16 @@ class Drafter:
         self.tables = tables
         self.device = torch.device(device)
         self.block_size = kv.block_size
+        self._model_s = 0.0  # seconds of the last forward + LM head
 
     def build_trees(self, reqs: list[Request], depths: list[int], widths: list[int]
                     ) -> tuple[list[DraftTree], int, int]:
         """Candidate trees (beam search) for requests with depth >= 1.
 
-        Returns (trees aligned with `reqs`, draft steps run, draft tokens fed).
+        Returns (trees aligned with `reqs`, draft steps run, draft tokens fed, seconds spent
+        in the draft model's forward + LM head).
         """
-        stats = [0, 0]  # steps, tokens
+        stats = [0, 0, 0.0]  # steps, tokens, model seconds
 
         def draft_step(f: Frontier) -> torch.Tensor:
             stats[0] += 1
@@ -52,11 +56,12 @@ class Drafter:
             else:
                 logp, n = self._tree_step(reqs, f)
             stats[1] += n
+            stats[2] += self._model_s
             return logp
 
         roots = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long)
         trees = build_trees(draft_step, roots, depths, widths)
-        return trees, stats[0], stats[1]
+        return trees, stats[0], stats[1], stats[2]
 
     # ---- forwards ----------------------------------------------------------------------
 
@@ -70,11 +75,14 @@ class Drafter:
             ids += pending
         batch = AttentionBatch.build(seqs, self.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        rows = torch.tensor(batch.last_rows, device=self.device)
+        t = time.perf_counter()
         hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
+        logits = self.model.logits(hidden[rows])
+        self._model_s = time.perf_counter() - t
         for r in reqs:
             r.num_draft_computed = r.num_tokens
-        rows = torch.tensor(batch.last_rows, device=self.device)
-        return torch.log_softmax(self.model.logits(hidden[rows]), dim=-1), len(ids)
+        return torch.log_softmax(logits, dim=-1), len(ids)
 
     @torch.inference_mode()
     def _tree_step(self, reqs: list[Request], f: Frontier) -> tuple[torch.Tensor, int]:
@@ -126,5 +134,9 @@ class Drafter:
             slot_mapping=torch.tensor(slot_rows, dtype=torch.long, device=dev), positions=positions.to(dev),
             query_starts=[groups[r][0] for r in order], query_lens=lens, context_lens=ctx, groups=[group],
             identity_order=all(x == q_max for x in lens))
-        hidden = self.model.forward(f.tokens.to(dev), batch.positions, batch, self.kv)
-        return torch.log_softmax(self.model.logits(hidden), dim=-1), n
+        input_ids = f.tokens.to(dev)
+        t = time.perf_counter()
+        hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
+        logits = self.model.logits(hidden)
+        self._model_s = time.perf_counter() - t
+        return torch.log_softmax(logits, dim=-1), n

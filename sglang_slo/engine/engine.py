@@ -200,7 +200,7 @@ class Engine:
             prefill_tokens=run.prefill_tokens, verify_tokens=run.verify_tokens,
             draft_steps=run.draft_steps, context_tokens=run.context_tokens,
             kv_free_tokens=self.tables.free_tokens, progress=progress,
-            waiting=len(self.scheduler.waiting), forward_s=run.forward_s)
+            waiting=len(self.scheduler.waiting), forward_s=run.model_s)
         out.events.append(out.report)
         self.step_index += 1
         return out

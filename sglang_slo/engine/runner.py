@@ -49,7 +49,9 @@ class RunOutput:
     results: dict[str, RequestResult] = field(default_factory=dict)
     """By request id."""
     forward_s: float = 0.0
-    """Draft + target model time (including verification), seconds."""
+    """Whole `run()` time: drafting, selection, metadata, forwards, verification, seconds."""
+    model_s: float = 0.0
+    """Time inside the draft and target models' forward + LM head calls, seconds."""
     draft_s: float = 0.0
     draft_steps: int = 0
     draft_tokens: int = 0
@@ -114,9 +116,12 @@ class ModelRunner:
         if not seqs:
             return out
         attn = AttentionBatch.build(seqs, self.kv.block_size, self.device)
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.device),
-                                    attn.positions, attn, self.kv)
-        logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])  # [R, vocab]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        row_index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        t_model = time.perf_counter()
+        hidden = self.model.forward(input_ids, attn.positions, attn, self.kv)
+        logits = self.model.logits(hidden[row_index])  # [R, vocab] float32
+        out.model_s += time.perf_counter() - t_model
         finite = torch.isfinite(logits).all(-1).tolist()  # [R]
         argmax = logits.argmax(-1).tolist()  # [R]
 
@@ -172,8 +177,9 @@ class ModelRunner:
         spec = [i for i, w in enumerate(decodes) if w.depth > 0] if self.drafter is not None else []
         if not spec:
             return [_Verify(w, [w.req.output_ids[-1]]) for w in decodes]
-        trees, out.draft_steps, out.draft_tokens = self.drafter.build_trees(
+        trees, out.draft_steps, out.draft_tokens, model_s = self.drafter.build_trees(
             [decodes[i].req for i in spec], [decodes[i].depth for i in spec], [decodes[i].width for i in spec])
+        out.model_s += model_s
         by_index = dict(zip(spec, trees))
         cands = []
         for i, w in enumerate(decodes):

@@ -1,0 +1,177 @@
+"""`sglang-slo bench-engine`: embedded engine throughput with and without speculation (JSON).
+
+    OMP_NUM_THREADS=1 sglang-slo bench-engine --json                  # the committed tiny pair
+    sglang-slo bench-engine --pair DIR --json                          # DIR/target, DIR/draft
+    sglang-slo bench-engine --random-model 2,256,1024,4,4096 --json    # a random-init model of
+                                                                       # a given shape (no spec)
+
+Measures, greedy, prompts cut from Python stdlib sources (random ids for --random-model):
+- single stream tokens/s without speculation and with it (beam trees of --depth/--width,
+  --tree-cap nodes), their ratio, and the mean accepted draft tokens per verify;
+- aggregate tokens/s at each --concurrency (all requests submitted at once), without and
+  with speculation;
+- Python overhead per iteration as a fraction of model time: (iteration wall time -
+  model time) / model time, from the engine's own IterationReports (`forward_s` is the time
+  inside the models' forward + LM head calls; everything else -- scheduling, attention
+  metadata, beam bookkeeping, selection, verification, KV commit -- counts as overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from protos import messages as protos
+from sglang_slo.engine.config import ModelConfig
+from sglang_slo.engine.engine import Engine, EngineConfig
+from sglang_slo.engine.loader import load_model
+from sglang_slo.engine.model import LlamaForCausalLM
+from sglang_slo.engine.request import SamplingParams
+from sglang_slo.engine.scheduler import SchedulerConfig
+
+_SLO = protos.Slo(ttft_s=10.0, tpot_s=1.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", default=None, help="directory with target/ and draft/ (default: the tiny pair)")
+    parser.add_argument("--model", default=None, help="target model directory (overrides --pair)")
+    parser.add_argument("--draft", default=None, help="draft model directory (with --model)")
+    parser.add_argument("--random-model", default=None, metavar="L,H,I,HEADS,VOCAB",
+                        help="benchmark a random-init Llama of this shape instead (no speculation)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128, help="output tokens per request")
+    parser.add_argument("--depth", type=int, default=4, help="draft tree depth")
+    parser.add_argument("--width", type=int, default=1, help="draft tree width (1 = chain)")
+    parser.add_argument("--tree-cap", type=int, default=0, help="verify tokens per request (0 = 1 + depth*width)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent requests")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per point (best is reported)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON summary")
+
+
+def _models(args) -> tuple[LlamaForCausalLM, LlamaForCausalLM | None, str]:
+    if args.random_model:
+        layers, hidden, inter, heads, vocab = (int(x) for x in args.random_model.split(","))
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=heads, max_position_embeddings=2048)
+        return LlamaForCausalLM(cfg).eval(), None, f"random {args.random_model}"
+    if args.model:
+        return (load_model(args.model, dtype=torch.float32),
+                load_model(args.draft, dtype=torch.float32) if args.draft else None, args.model)
+    from sglang_slo.engine.train_tiny import ensure_tiny_pair
+
+    pair = Path(args.pair) if args.pair else ensure_tiny_pair()
+    return load_model(pair / "target", dtype=torch.float32), load_model(pair / "draft", dtype=torch.float32), str(pair)
+
+
+def bench_prompts(n: int, length: int, vocab: int, model_dir: str | None, seed: int = 0) -> list[list[int]]:
+    """n prompts of `length` tokens: windows of tokenized stdlib sources, or random ids."""
+    rng = random.Random(seed)
+    tok_dir = Path(model_dir) / "target" if model_dir and (Path(model_dir) / "target").is_dir() else model_dir
+    if tok_dir and (Path(tok_dir) / "tokenizer.json").is_file():
+        from sglang_slo.engine.tokenizer import Tokenizer, read_texts, stdlib_text_files
+
+        tok = Tokenizer.load(tok_dir)
+        files = sorted(stdlib_text_files())
+        ids: list[int] = []
+        for text in read_texts(rng.sample(files, min(40, len(files))), 50 * length * 8):
+            ids += tok.encode(text)
+        if len(ids) > 2 * length:
+            starts = [rng.randrange(0, len(ids) - length) for _ in range(n)]
+            return [ids[s: s + length] for s in starts]
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0) -> dict:
+    """All prompts at once, greedy, to completion; returns throughput and per-step stats."""
+    spec = draft is not None and depth > 0
+    cap = tree_cap or 1 + depth * width
+    sched = SchedulerConfig(max_batch_tokens=8192, max_running=max(64, len(prompts)),
+                            max_depth=depth if spec else 0, max_width=width,
+                            fallback_budget=8192, fallback_depth=depth if spec else 0,
+                            fallback_width=width, fallback_tree_cap=cap if spec else 1)
+    eng = Engine(target, draft if spec else None,
+                 EngineConfig(kv_capacity_tokens=max(4096, len(prompts) * (len(prompts[0]) + new_tokens + 64)),
+                              block_size=16, scheduler=sched))
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{i}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), _SLO)
+    tokens, steps, forward_s, wall_iter, verifies, accepted = 0, 0, 0.0, 0.0, 0, 0
+    decode_wall, decode_tokens = 0.0, 0
+    t0 = time.perf_counter()
+    while eng.has_work:
+        out = eng.step()
+        r = out.report
+        n = sum(len(v) for v in out.new_tokens.values())
+        tokens += n
+        steps += 1
+        forward_s += r.forward_s
+        wall_iter += r.end_s - r.start_s
+        if not r.prefill_tokens:
+            decode_wall += r.end_s - r.start_s
+            decode_tokens += n
+        for p in r.progress:
+            if p.verified:
+                verifies += 1
+                accepted += p.accepted
+    wall = time.perf_counter() - t0
+    return {
+        "tokens_per_s": round(tokens / wall, 1),
+        "decode_tokens_per_s": round(decode_tokens / decode_wall, 1) if decode_wall else 0.0,
+        "iterations": steps,
+        "ms_per_iteration": round(1e3 * wall_iter / steps, 3),
+        "python_overhead_fraction": round((wall_iter - forward_s) / forward_s, 4) if forward_s else 0.0,
+        "mean_accepted_per_verify": round(accepted / verifies, 3) if verifies else 0.0,
+        "wall_s": round(wall, 3),
+    }
+
+
+def _best(fn, repeats: int) -> dict:
+    runs = [fn() for _ in range(max(1, repeats))]
+    return max(runs, key=lambda r: r["tokens_per_s"])
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    target, draft, where = _models(args)
+    vocab = target.config.vocab_size
+    room = target.config.max_position_embeddings - args.new_tokens - 1
+    plen = max(1, min(args.prompt_len, room))
+    src = args.pair or args.model or (where if not args.random_model else None)
+    max_conc = max([1] + args.concurrency)
+    prompts = bench_prompts(max_conc, plen, vocab, src)
+    run_point(target, draft, prompts[:1], 8)  # warm-up (allocator, first-call paths)
+    out: dict = {
+        "model": where, "omp_num_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "prompt_tokens": plen, "new_tokens": args.new_tokens,
+        "spec": {"depth": args.depth, "width": args.width, "tree_cap": args.tree_cap or 1 + args.depth * args.width},
+    }
+    base = _best(lambda: run_point(target, None, prompts[:1], args.new_tokens), args.repeats)
+    out["single_stream"] = base
+    if draft is not None and args.depth > 0:
+        spec = _best(lambda: run_point(target, draft, prompts[:1], args.new_tokens, args.depth, args.width,
+                                       args.tree_cap), args.repeats)
+        out["single_stream_spec"] = spec
+        out["spec_speedup"] = round(spec["tokens_per_s"] / base["tokens_per_s"], 3)
+    out["concurrent"] = {}
+    for c in args.concurrency:
+        point = {"plain": _best(lambda: run_point(target, None, prompts[:c], args.new_tokens), args.repeats)}
+        if draft is not None and args.depth > 0:
+            point["spec"] = _best(lambda: run_point(target, draft, prompts[:c], args.new_tokens, args.depth,
+                                                    args.width, args.tree_cap), args.repeats)
+        out["concurrent"][str(c)] = point
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))
