@@ -92,7 +92,10 @@ class AttentionBatch:
         """Validate the sequences and precompute slots, positions, groups and masks."""
         if not seqs:
             raise ValueError("empty batch")
-        starts, slots, positions = [], [], []
+        starts: list[int] = []
+        slots: list[int] = []       # flat, all new tokens
+        positions: list[int] = []
+        new_slots: list[list[int] | None] = []  # explicit new_slots per sequence
         t = 0
         for i, s in enumerate(seqs):
             q, c = s.query_len, s.context_len
@@ -108,26 +111,30 @@ class AttentionBatch:
             if s.new_slots is not None:
                 if len(s.new_slots) != q:
                     raise ValueError(f"sequence {i}: {len(s.new_slots)} new_slots for {q} tokens")
-                slots.append(torch.as_tensor(list(s.new_slots), dtype=torch.int64))
+                new_slots.append([int(x) for x in s.new_slots])
+                slots += new_slots[-1]
             else:
-                slots.append(_table_slots(s.block_table, c, q, block_size))
+                new_slots.append(None)
+                table = s.block_table
+                slots += [table[p // block_size] * block_size + p % block_size
+                          for p in range(c, c + q)]
             if s.tree_mask is None:
-                positions.append(torch.arange(c, c + q))
+                positions += range(c, c + q)
             else:
                 m = s.tree_mask.to(torch.bool).cpu()
                 if not bool(m.diagonal().all()):
                     raise ValueError(f"sequence {i}: tree_mask must be true on the diagonal")
-                positions.append(c + m.sum(-1) - 1)  # depth = number of proper ancestors
+                positions += [c + d - 1 for d in m.sum(-1).tolist()]  # depth = proper ancestors
             starts.append(t)
             t += q
-        slot_mapping = torch.cat(slots)
+        order = _group_sequences(seqs)
         groups = [_build_group([seqs[j] for j in g], [starts[j] for j in g],
-                               [slots[j] for j in g], block_size, device)
-                  for g in _group_sequences(seqs)]
-        g0 = groups[0]
-        identity = (len(groups) == 1 and g0.out_rows.numel() == g0.q_index.numel() == t
-                    and bool((g0.flat_rows.cpu() == torch.arange(t)).all()))
-        return cls(slot_mapping=slot_mapping.to(device), positions=torch.cat(positions).to(device),
+                               [new_slots[j] for j in g], block_size, device)
+                  for g in order]
+        identity = (len(order) == 1 and order[0] == list(range(len(seqs)))
+                    and len({s.query_len for s in seqs}) == 1)
+        return cls(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+                   positions=torch.tensor(positions, dtype=torch.int64, device=device),
                    query_starts=starts, query_lens=[s.query_len for s in seqs],
                    context_lens=[s.context_len for s in seqs], groups=groups,
                    identity_order=identity)
@@ -172,11 +179,6 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _table_slots(table: Sequence[int], start: int, n: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(start, start + n)
-    return torch.as_tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
-
-
 def _group_sequences(seqs: Sequence[SequenceInput]) -> list[list[int]]:
     """Split sequences into groups whose padded [Q x K] area stays near the real one.
 
@@ -201,35 +203,40 @@ def _group_sequences(seqs: Sequence[SequenceInput]) -> list[list[int]]:
     return groups
 
 
-def _build_group(seqs: list[SequenceInput], starts: list[int], new_slots: list[torch.Tensor],
-                 block_size: int, device: str | torch.device) -> AttentionGroup:
+def _build_group(seqs: list[SequenceInput], starts: list[int],
+                 new_slots: list[list[int] | None], block_size: int,
+                 device: str | torch.device) -> AttentionGroup:
     b = len(seqs)
-    q_lens = torch.tensor([s.query_len for s in seqs])
-    ctx = torch.tensor([s.context_len for s in seqs])
-    n_q, n_k = int(q_lens.max()), int((ctx + q_lens).max())
-    # Keys: context positions from the block tables, then the new tokens' slots.
+    q_lens_l = [s.query_len for s in seqs]
+    ctx_l = [s.context_len for s in seqs]
+    n_q = max(q_lens_l)
+    n_k = max(c + q for c, q in zip(ctx_l, q_lens_l))
+    q_lens, ctx = torch.tensor(q_lens_l), torch.tensor(ctx_l)
+    # Keys: positions 0 .. context + query - 1 through the (zero-padded) block tables; a
+    # sequence with explicit new_slots gets those for its new tokens.
     max_blocks = max(blocks_needed(n_k, block_size), 1)
-    tables = torch.zeros(b, max_blocks, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        m = min(len(s.block_table), max_blocks)
-        tables[i, :m] = torch.as_tensor(list(s.block_table[:m]), dtype=torch.int64)
+    tables = torch.tensor([list(s.block_table[:max_blocks]) + [0] * (max_blocks - len(s.block_table))
+                           for s in seqs], dtype=torch.int64)                   # [B, blocks]
     kpos = torch.arange(n_k)
     k_slots = tables[:, kpos // block_size] * block_size + kpos % block_size   # [B, K]
-    for i, s in enumerate(seqs):
-        if s.new_slots is not None:
-            k_slots[i, s.context_len:s.context_len + s.query_len] = new_slots[i]
+    for i, ns in enumerate(new_slots):
+        if ns is not None:
+            k_slots[i, ctx_l[i]:ctx_l[i] + q_lens_l[i]] = torch.tensor(ns, dtype=torch.int64)
     # Causal rule: query i of a sequence sees keys up to context + i (pads never seen by
     # real queries; padded queries see something, so no row is all-masked -> no NaN).
     qpos = torch.arange(n_q)
-    mask = kpos[None, None, :] <= (ctx[:, None, None] + qpos[None, :, None])  # [B, Q, K]
-    for i, s in enumerate(seqs):
-        if s.tree_mask is not None:
-            c, q = s.context_len, s.query_len
-            mask[i, :q, c:c + q] = s.tree_mask.to(torch.bool).cpu()
-    q_index = torch.as_tensor(starts)[:, None] + torch.minimum(qpos[None, :], q_lens[:, None] - 1)
+    if n_q == 1 and len(set(ctx_l)) == 1:
+        mask = None  # equal-length decode tokens see every key
+    else:
+        mask = kpos[None, None, :] <= (ctx[:, None, None] + qpos[None, :, None])  # [B, Q, K]
+        for i, s in enumerate(seqs):
+            if s.tree_mask is not None:
+                c, q = s.context_len, s.query_len
+                mask[i, :q, c:c + q] = s.tree_mask.to(torch.bool).cpu()
+        mask = mask[:, None].to(device)
+    q_index = torch.tensor(starts)[:, None] + torch.minimum(qpos[None, :], q_lens[:, None] - 1)
     valid = qpos[None, :] < q_lens[:, None]                                    # [B, Q]
     out_rows = valid.reshape(-1).nonzero().squeeze(1)
     flat_rows = q_index.reshape(-1)[out_rows]
-    return AttentionGroup(q_index=q_index.to(device), k_slots=k_slots.to(device),
-                          mask=None if bool(mask.all()) else mask[:, None].to(device),
+    return AttentionGroup(q_index=q_index.to(device), k_slots=k_slots.to(device), mask=mask,
                           out_rows=out_rows.to(device), flat_rows=flat_rows.to(device))

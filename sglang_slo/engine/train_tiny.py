@@ -250,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     tok = Tokenizer.train(texts, args.vocab_size)
     train_ids, val_ids = build_corpus(tok, texts)
+    if val_ids.numel() < 2 * CONTEXT or train_ids.numel() < 4 * CONTEXT:
+        print(f"corpus too small: {train_ids.numel()} train / {val_ids.numel()} val tokens "
+              f"(raise --max-corpus-bytes)", file=sys.stderr)
+        return 1
     print(f"corpus: {len(texts)} files, {train_ids.numel()} train / {val_ids.numel()} val tokens, "
           f"tokenizer {time.perf_counter() - t_start:.1f}s")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.save_dtype]
