@@ -26,31 +26,30 @@ _P_MIN, _P_MAX = 0.01, 0.99
 class DraftTree:
     cand: TreeCandidates
     """What selection sees: path probabilities, parents, A_i, tree cap."""
-    level: list[int]
-    """[N] depth of each node (root 0)."""
-    rank: list[int]
-    """[N] 1 = spine node, j >= 2 = j-th ranked alternative (leaf)."""
+    width: int
+    """Nodes per level; node v >= 1 sits at level (v-1)//width + 1 with rank (v-1)%width + 1."""
     est: list[float]
-    """[N] the draft's conditional probability of each node (root 1.0)."""
+    """[depth] the draft's conditional probability of each level's spine token."""
 
 
 def build_tree(alphas: list[float], depth: int, width: int, min_tokens: float, tree_cap: int,
                sigma: float, rng: random.Random) -> DraftTree:
-    path, parent, level, rank, est = [1.0], [-1], [0], [1], [1.0]
-    spine = 0
-    for k in range(1, depth + 1):
-        a = alphas[min(k - 1, len(alphas) - 1)]
-        e = min(_P_MAX, max(_P_MIN, a + rng.gauss(0.0, sigma))) if sigma > 0 else a
-        base = path[spine]
-        new_spine = len(path)
-        for j in range(1, width + 1):
-            path.append(base * e * (1.0 - e) ** (j - 1))
-            parent.append(spine)
-            level.append(k)
-            rank.append(j)
-            est.append(e * (1.0 - e) ** (j - 1) if j > 1 else e)
-        spine = new_spine
-    return DraftTree(TreeCandidates(path, parent, min_tokens, max(1, tree_cap)), level, rank, est)
+    path, parent, est = [1.0], [-1], []
+    spine, spine_f, last = 0, 1.0, len(alphas) - 1
+    gauss = rng.gauss
+    for k in range(depth):
+        a = alphas[k if k < last else last]
+        e = a + gauss(0.0, sigma) if sigma > 0 else a
+        e = _P_MIN if e < _P_MIN else _P_MAX if e > _P_MAX else e
+        est.append(e)
+        f = spine_f * e
+        path.append(f)
+        for _ in range(width - 1):  # alternatives: rank j has f(spine_{k-1}) * e (1-e)^(j-1)
+            f *= 1.0 - e
+            path.append(f)
+        parent.extend([spine] * width)
+        spine, spine_f = 1 + k * width, spine_f * e
+    return DraftTree(TreeCandidates(path, parent, min_tokens, max(1, tree_cap)), width, est)
 
 
 def verify(tree: DraftTree, selected: list[int], alphas: list[float], rng: random.Random) -> tuple[int, int, float]:
@@ -58,26 +57,22 @@ def verify(tree: DraftTree, selected: list[int], alphas: list[float], rng: rando
 
     Returns (accepted draft tokens, depth of the deepest selected node, mean draft
     probability along the deepest selected spine path)."""
+    w = tree.width
     chosen = set(selected)
-    by_level: dict[int, dict[int, int]] = {}
-    for v in selected:
-        if v:
-            by_level.setdefault(tree.level[v], {})[tree.rank[v]] = v
-    max_depth = max(by_level, default=0)
-    accepted = 0
+    max_depth = max(((v - 1) // w + 1 for v in selected if v), default=0)
+    accepted, last = 0, len(alphas) - 1
     for k in range(1, max_depth + 1):
-        a = alphas[min(k - 1, len(alphas) - 1)]
+        a = alphas[k - 1 if k - 1 < last else last]
         u, j, q = rng.random(), 1, a
         while u >= q and j < 64:  # rank of the target's token among the draft's candidates
             u -= q
             j += 1
             q = a * (1.0 - a) ** (j - 1)
-        node = by_level.get(k, {}).get(j) if u < q else None
-        if node is None or node not in chosen:
+        if u >= q or j > w or 1 + (k - 1) * w + (j - 1) not in chosen:
             break
         accepted += 1
         if j > 1:  # an alternative is a leaf: nothing below it was drafted
             break
-    spine_est = [tree.est[v] for v in selected if v and tree.rank[v] == 1]
-    conf = sum(spine_est) / len(spine_est) if spine_est else 0.0
+    spine = [tree.est[(v - 1) // w] for v in selected if v and (v - 1) % w == 0]
+    conf = sum(spine) / len(spine) if spine else 0.0
     return accepted, max_depth, conf
