@@ -6,6 +6,8 @@ from pathlib import Path
 
 from eval.metrics import summarize
 from eval.simulator import SimConfig, SimResult, simulate
+from eval.slo_classes import DEFAULT_PATH as DEFAULT_SLO_PATH
+from eval.slo_classes import load_slo_classes, scale_for_unloaded_tpot
 from eval.workloads import Workload, generate, load_workload_spec
 from sidecar.cost_model import HardwareProfile, load_profile
 
@@ -23,12 +25,21 @@ def default_max_context(profile: HardwareProfile) -> int:
 
 
 def make_workload(workload: str, hardware: str | Path, *, rate: float | None = None,
-                  duration_s: float | None = None, seed: int = 0, max_context: int | None = None) -> Workload:
-    """Generate a workload (name or path) sized for the hardware profile."""
+                  duration_s: float | None = None, seed: int = 0, max_context: int | None = None,
+                  scale_slos: bool = False) -> Workload:
+    """Generate a workload (name or path) sized for the hardware profile.
+
+    scale_slos: rescale the SLO class file by the profile's unloaded TPOT (slow engines such as
+    the CPU tiny model; `eval.slo_classes.scale_for_unloaded_tpot`)."""
     profile = load_profile(hardware)
-    return generate(load_workload_spec(workload), rate=rate, duration_s=duration_s, seed=seed,
+    spec = load_workload_spec(workload)
+    base = unloaded_tpot_s(profile)
+    classes = load_slo_classes(spec.slo_classes or DEFAULT_SLO_PATH)
+    if scale_slos:
+        classes = scale_for_unloaded_tpot(classes, base)
+    return generate(spec, rate=rate, duration_s=duration_s, seed=seed,
                     max_context_tokens=max_context or default_max_context(profile),
-                    unloaded_tpot_s=unloaded_tpot_s(profile))
+                    unloaded_tpot_s=base, slo_classes=classes)
 
 
 def result_summary(res: SimResult) -> dict:

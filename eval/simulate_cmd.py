@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=None, help="arrival window, seconds (default: the workload's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-context", type=int, default=None, help="longest request in tokens (default: from the profile)")
+    p.add_argument("--scale-slos", action="store_true",
+                   help="rescale SLO classes by the profile's unloaded TPOT (CPU tiny-model profiles)")
+    p.add_argument("--save-workload", default=None, help="write the generated workload as JSON")
     p.add_argument("--over-zmq", action="store_true", help="run each planner as a `python -m sidecar` process over ipc://")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -32,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from eval.capacity import find_capacity
     from eval.compare import compare, make_workload
     from eval.report import text_table
+    from eval.workloads import save_workload
     from sidecar.policies.base import policy_names
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -42,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         w = make_workload(args.workload, args.hardware, rate=args.rate, duration_s=args.duration, seed=args.seed,
-                          max_context=args.max_context)
+                          max_context=args.max_context, scale_slos=args.scale_slos)
+        if args.save_workload:
+            save_workload(w, args.save_workload)
         results = compare(w, args.hardware, policies, seed=args.seed, over_zmq=args.over_zmq)
         capacity = None
         if args.sweep:
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             for p in policies:
                 c = find_capacity(args.workload, args.hardware, p, target=args.target, definition=args.definition,
                                   start_rate=w.rate, duration_s=w.duration_s, seed=args.seed,
-                                  max_context=args.max_context)
+                                  max_context=args.max_context, scale_slos=args.scale_slos)
                 capacity[p] = {"rate": c.rate, "attainment": c.attainment, "probes": c.probes}
     except (ValueError, RuntimeError) as e:
         print(f"simulate: {e}", file=sys.stderr)

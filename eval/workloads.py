@@ -197,6 +197,19 @@ class Workload(msgspec.Struct, kw_only=True):
     requests: list[GenRequest]
 
 
+def save_workload(w: Workload, path: str | Path) -> None:
+    """Write a generated workload as JSON (replayable by the real HTTP evaluation)."""
+    Path(path).write_bytes(msgspec.json.encode(w))
+
+
+def load_workload(path: str | Path) -> Workload:
+    """Read a workload written by `save_workload`; ValueError on bad input."""
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=Workload)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"cannot read workload {path}: {e}") from None
+
+
 def load_workload_spec(name_or_path: str) -> WorkloadSpec:
     """A workload by name (configs/workloads/NAME.yaml) or path; ValueError on bad input."""
     path = Path(name_or_path)

@@ -1,6 +1,8 @@
 """Workload generators: determinism, configured distributions, closed-loop structure, errors."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,25 @@ def test_bad_input_is_a_clear_error(tmp_path):
         generate(unknown_class)
     with pytest.raises(ValueError, match="max_context_tokens"):
         generate(spec_of(ToolCallingSpec()), max_context_tokens=4)
+
+
+def test_workload_json_round_trip_and_bad_file(tmp_path):
+    from eval.workloads import load_workload, save_workload
+
+    w = generate(load_workload_spec("mixed"), seed=2, duration_s=10)
+    save_workload(w, tmp_path / "w.json")
+    assert load_workload(tmp_path / "w.json") == w
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read workload"):
+        load_workload(tmp_path / "bad.json")
+
+
+def test_make_workload_scales_slos_for_slow_engines():
+    from eval.compare import make_workload, unloaded_tpot_s
+    from sidecar.cost_model import load_profile
+
+    hw = str(Path(__file__).resolve().parent.parent / "configs/hardware/h100-llama3.1-8b-eagle3.yaml")
+    base = unloaded_tpot_s(load_profile(hw))
+    w = make_workload("mixed", hw, duration_s=20, scale_slos=True)
+    coding = [r for r in w.requests if r.slo.slo_class == "coding"]
+    assert coding and all(r.slo.tpot_s == pytest.approx(1.2 * base) for r in coding)
