@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -155,3 +156,19 @@ def test_custom_new_slots_are_used():
     got = model.logits(model.forward(torch.tensor([1, 2]), b2.positions, b2, kv))
     assert torch.equal(b2.slot_mapping, torch.tensor(scratch))
     assert (got[1] - dense_last_logits(model, toks + [1, 2])).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_matches_cpu():
+    model, bs = tiny_model(4), 4
+    cuda = tiny_model(4).cuda()
+    _, mask = random_tree(5, random.Random(0))
+    outs = []
+    for m, dev in ((model, "cpu"), (cuda, "cuda")):
+        kv = KVCache.for_model(m.config, 16, bs, device=dev)
+        b = AttentionBatch.build([SequenceInput([0, 1, 2], 0, 9), SequenceInput([3, 4], 0, 1),
+                                  SequenceInput([5, 6], 0, 5, tree_mask=mask)], bs, device=dev)
+        ids = torch.arange(15, device=dev) % 97
+        outs.append(m.logits(m.forward(ids, b.positions, b, kv)).cpu())
+    assert (outs[0] - outs[1]).abs().max() < 1e-3

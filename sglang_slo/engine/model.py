@@ -75,10 +75,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x `[..., heads, head_dim]` whose leading dims match positions' shape."""
-        cos = self.cos[positions].unsqueeze(-2).to(x.dtype)  # [..., 1, head_dim/2]
-        sin = self.sin[positions].unsqueeze(-2).to(x.dtype)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions `[...]` -> `[..., 1, head_dim/2]` (once per forward)."""
+        return (self.cos[positions].unsqueeze(-2).to(dtype),
+                self.sin[positions].unsqueeze(-2).to(dtype))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x `[..., heads, head_dim]` by tables from `tables()`."""
         x1, x2 = x.chunk(2, dim=-1)  # HF "rotate_half" layout
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -97,23 +101,22 @@ class Attention(nn.Module):
                                   bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding):
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         lead = x.shape[:-1]
         qkv = self.qkv_proj(x)
         qk = qkv[..., :self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim))
-        qk = rope(qk, positions)  # q and k heads rotated in one call
+        qk = RotaryEmbedding.rotate(qk, *rope)  # q and k heads rotated in one call
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         v = qkv[..., self.q_size + self.kv_size:].view(*lead, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 batch: AttentionBatch, kv: KVCache) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions, rope)  # [T, heads|kv_heads, head_dim]
+        q, k, v = self._qkv(x, rope)  # [T, heads|kv_heads, head_dim]
         return self.o_proj(paged_attention(q, k, v, batch, kv, self.layer, self.scale))
 
-    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor,
-                      rope: RotaryEmbedding) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions, rope)  # [B, L, heads|kv_heads, head_dim]
+    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self._qkv(x, rope)  # [B, L, heads|kv_heads, head_dim]
         return self.o_proj(dense_causal_attention(q, k, v, self.scale))
 
 
@@ -178,8 +181,9 @@ class LlamaForCausalLM(nn.Module):
         self._check_positions(positions)
         m = self.model
         h = m.embed_tokens(input_ids)
+        rope = m.rotary_emb.tables(positions, h.dtype)
         for layer in m.layers:
-            h = h + layer.self_attn(layer.input_layernorm(h), positions, m.rotary_emb, batch, kv)
+            h = h + layer.self_attn(layer.input_layernorm(h), rope, batch, kv)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return m.norm(h)
 
@@ -191,8 +195,9 @@ class LlamaForCausalLM(nn.Module):
         self._check_positions(positions)
         m = self.model
         h = m.embed_tokens(input_ids)
+        rope = m.rotary_emb.tables(positions, h.dtype)
         for layer in m.layers:
-            h = h + layer.self_attn.forward_dense(layer.input_layernorm(h), positions, m.rotary_emb)
+            h = h + layer.self_attn.forward_dense(layer.input_layernorm(h), rope)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return m.norm(h)
 
