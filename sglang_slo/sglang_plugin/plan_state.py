@@ -1,0 +1,92 @@
+"""The plan a scheduler applies, identical on every TP rank.
+
+Pure state, no sockets and no clocks: rank 0 decides *when* a plan arrives or expires and
+that decision reaches every rank as a `PlannerUpdate` through SGLang's request broadcast,
+so all ranks hold the same `PlanState` at the same point of the loop (a rank-local clock
+read would let ranks disagree and hang the collectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protos.messages import Decision, Plan
+
+
+@dataclasses.dataclass
+class PlannerUpdate:
+    """What rank 0 learned from the planner since the last loop pass (rides the broadcast).
+
+    Dispatched by SGLang's `TypeBasedDispatcher` on every rank; must stay picklable.
+    """
+
+    plan: Plan | None = None
+    """The newest plan received (older ones in the same pass are superseded)."""
+    expire: bool = False
+    """The current plan's `valid_until_s` has passed on rank 0's clock: fall back."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanView:
+    """A plan digested for the batch builder (lookups by request id)."""
+
+    step: int
+    """`Plan.step`: reported back as `IterationReport.plan_step`."""
+    token_budget: int
+    """Most tokens in one forward (prefill chunks + verify tokens)."""
+    prefill_tokens: dict[str, int]
+    """rid -> prompt tokens to prefill this iteration; insertion order = priority order."""
+    decisions: dict[str, Decision]
+    """rid -> the planner's latest admission decision."""
+    rank: dict[str, int]
+    """rid -> position in the plan's order (prefill list first, then decode list)."""
+    spec_depth: int
+    """Batch-wide speculation depth (-1 = let the engine decide)."""
+    based_on_step: int
+    """Last engine step the planner had seen; requests that arrived later are unplanned."""
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanView:
+        prefill = {}
+        for chunk in plan.prefill:
+            if chunk.tokens > 0:
+                prefill[chunk.rid] = prefill.get(chunk.rid, 0) + chunk.tokens
+        rank: dict[str, int] = {}
+        for rid in [c.rid for c in plan.prefill] + [d.rid for d in plan.decode]:
+            rank.setdefault(rid, len(rank))
+        return cls(
+            step=plan.step,
+            token_budget=plan.token_budget,
+            prefill_tokens=prefill,
+            decisions={d.rid: d.decision for d in plan.decisions},
+            rank=rank,
+            spec_depth=plan.spec_depth,
+            based_on_step=plan.based_on_step,
+        )
+
+    def wants_prefill(self) -> bool:
+        """Whether this iteration should build a prefill batch at all."""
+        return bool(self.prefill_tokens)
+
+
+class PlanState:
+    """The scheduler's current plan (or none: SGLang's own behaviour applies)."""
+
+    def __init__(self) -> None:
+        self.view: PlanView | None = None
+        self.plans_applied = 0
+        self.plans_expired = 0
+
+    def apply(self, update: PlannerUpdate) -> None:
+        """Install a newer plan and/or expire the current one (same effect on every rank)."""
+        if update.plan is not None and (self.view is None or update.plan.step >= self.view.step):
+            self.view = PlanView.of(update.plan)
+            self.plans_applied += 1
+        elif update.expire and self.view is not None:
+            self.view = None
+            self.plans_expired += 1
+
+    @property
+    def step(self) -> int:
+        """`Plan.step` of the plan in force, -1 under the fallback."""
+        return self.view.step if self.view is not None else -1

@@ -1,0 +1,83 @@
+"""`SloPrefillAdder`: SGLang's `PrefillAdder` driven by the planner's plan.
+
+Returned by the `Scheduler.get_prefill_adder_class` hook (SGLang's designed override point).
+With a plan, one prefill pass admits exactly the plan's prefill list, each request with at
+most its planned number of prompt tokens, within the plan's token budget; without one it is
+SGLang's adder unchanged. All KV/memory accounting stays SGLang's: the subclass only
+narrows the budgets SGLang already checks (`rem_input_tokens`, `rem_chunk_tokens`,
+`prefill_max_requests`) and says OTHER ("stop admitting") for requests outside the plan.
+
+SGLang keeps at most one partially prefilled request (`Scheduler.chunked_req`), so a pass
+that already carries an unfinished chunk, or has cut one, admits only whole prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
+
+from sglang_slo.sglang_plugin.plan_state import PlanView
+
+
+class SloPrefillAdder(PrefillAdder):
+    """A `PrefillAdder` whose admission set, chunk sizes and token budget come from a plan."""
+
+    def __init__(self, *args, plan: PlanView | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+        self.unfinished_chunk = False  # the continuing chunked request stays partial
+        if plan is None:
+            return
+        budget = max(plan.token_budget, 0)  # tokens
+        self.rem_input_tokens = min(self.rem_input_tokens, budget)
+        if self.rem_chunk_tokens is not None:
+            self.rem_chunk_tokens = min(self.rem_chunk_tokens, budget)
+        cap = len(plan.prefill_tokens)
+        self.prefill_max_requests = cap if self.prefill_max_requests is None else min(self.prefill_max_requests, cap)
+
+    @classmethod
+    def bind(cls, plan: PlanView | None):
+        """The factory SGLang calls in place of the class (it passes the stock arguments)."""
+        return functools.partial(cls, plan=plan)
+
+    def add_chunked_req(self, req):
+        """Continue the in-flight chunked request, at most the plan's tokens for it."""
+        if self.plan is not None:
+            planned = self.plan.prefill_tokens.get(req.rid)
+            if planned is None:
+                # It must make progress (it holds KV); it just doesn't use a plan slot.
+                if self.prefill_max_requests is not None:
+                    self.prefill_max_requests += 1
+            else:
+                limit = self.chunked_req_limit
+                self.chunked_req_limit = planned if limit is None else min(limit, planned)
+        still_partial = super().add_chunked_req(req)
+        self.unfinished_chunk = still_partial is not None
+        return still_partial
+
+    def add_one_req(self, req, has_chunked_req: bool, truncation_align_size):
+        if self.plan is None:
+            return super().add_one_req(req, has_chunked_req, truncation_align_size)
+        planned = self.plan.prefill_tokens.get(req.rid)
+        if planned is None:
+            return AddReqResult.OTHER  # the queue is in plan order: the admitted set is used up
+        if self.rem_chunk_tokens is None:  # chunked prefill is off: the plan only admits
+            return super().add_one_req(req, has_chunked_req, truncation_align_size)
+        remaining = len(req.full_untruncated_fill_ids) - req.prefix_len  # prompt tokens left
+        cap = min(planned, self.rem_chunk_tokens)
+        if (self.unfinished_chunk or self.new_chunked_req is not None) and cap < remaining:
+            return AddReqResult.OTHER  # it would be cut: SGLang holds one partial chunk at most
+        return self._add_with_chunk_cap(req, cap, has_chunked_req, truncation_align_size)
+
+    def _add_with_chunk_cap(self, req, cap: int, has_chunked_req: bool, truncation_align_size):
+        """Run SGLang's admission with the chunk budget narrowed to `cap` tokens for this request."""
+        saved = self.rem_chunk_tokens
+        self.rem_chunk_tokens = cap
+        before = len(self.can_run_list)
+        res = super().add_one_req(req, has_chunked_req, truncation_align_size)
+        charged = cap - self.rem_chunk_tokens  # tokens SGLang billed to the chunk budget
+        self.rem_chunk_tokens = saved - charged
+        if len(self.can_run_list) > before:
+            return self.budget_state()  # admitted: go on with the restored budgets
+        return res

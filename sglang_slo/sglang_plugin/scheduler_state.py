@@ -1,0 +1,294 @@
+"""Per-scheduler-process plugin state: the plan in force, and (rank 0) the planner link.
+
+One `SloSchedulerState` per SGLang `Scheduler` (one scheduler per process), created by the
+`init_request_dispatcher` hook and stored as `scheduler.slo_state`. Everything that changes
+batch composition reads `self.plan`, which only changes through `apply_update` -- the handler
+SGLang's dispatcher calls on every rank for the `PlannerUpdate` rank 0 broadcast.
+
+Engine clock: `time.monotonic()` seconds (the clock of SGLang's `batch.launch_ts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from http import HTTPStatus
+
+from protos.messages import (
+    PROTOCOL_VERSION,
+    Decision,
+    EngineHello,
+    FinishReason,
+    RequestArrived,
+    RequestFinished,
+    RequestSnapshot,
+    Resync,
+    SpecMode,
+)
+
+from sglang_slo.sglang_plugin.iteration_report import build_report, finish_reason_of, note_first_tokens
+from sglang_slo.sglang_plugin.plan_state import PlannerUpdate, PlanState
+from sglang_slo.sglang_plugin.planner_link import PlannerLink
+from sglang_slo.sglang_plugin.request_slo import attach_slo, load_catalog, req_slo
+
+log = logging.getLogger(__name__)
+
+PLANNER_ENV = "SGLANG_SLO_PLANNER"  # planner endpoint (ipc://... or tcp://...); unset = no planner
+EDF_ENV = "SGLANG_SLO_EDF_FALLBACK"  # "1": order the queue by deadline when no plan rules
+SWEEP_S = 0.5  # seconds between scans for requests that left without a batch result
+
+_current: SloSchedulerState | None = None
+
+
+def current_state() -> SloSchedulerState | None:
+    """The state of this process's scheduler (None outside a scheduler process)."""
+    return _current
+
+
+def current_plan():
+    """The `PlanView` in force in this process, or None (used by the speculation policy)."""
+    return _current.plan.view if _current is not None else None
+
+
+class SloSchedulerState:
+    """Plan, request tracking and planner I/O of one scheduler."""
+
+    def __init__(self, scheduler, endpoint: str | None = None, clock=time.monotonic):
+        global _current
+        self.scheduler = scheduler
+        self.clock = clock
+        self.plan = PlanState()
+        self.catalog = load_catalog()
+        self.endpoint = endpoint if endpoint is not None else os.environ.get(PLANNER_ENV) or None
+        self.edf_fallback = os.environ.get(EDF_ENV, "0") == "1"
+        self.link: PlannerLink | None = None  # rank 0 only, created on the first poll
+        self.step = 0  # engine iteration counter (IterationReport.step)
+        self.tracked: dict[str, object] = {}  # rank 0: rid -> Req the planner knows about
+        self._arrivals: list = []  # rank 0: Reqs to announce on the next poll
+        self._valid_until_s = float("inf")  # rank 0: expiry of the plan in force
+        self._expire_sent = True
+        self._last_sweep_s = 0.0
+        self.plan_step_of_launch: dict[int, int] = {}  # forward_iter -> plan step applied
+        self.reports_sent = 0
+        self.rejected = 0
+        _current = self
+
+    # ---------------------------------------------------------------- all ranks
+
+    def on_new_request(self, req) -> None:
+        """Attach `req.slo`; an invalid SLO aborts the request with the parser's message."""
+        sched = self.scheduler
+        err = attach_slo(req, self.catalog, self.clock(), set_priority=bool(getattr(sched, "enable_priority_scheduling", False)))
+        if err is not None:
+            req.set_finish_with_abort(err, status_code=HTTPStatus.BAD_REQUEST)
+            return
+        self._arrivals.append(req)
+
+    def apply_update(self, update: PlannerUpdate) -> None:
+        """Dispatcher handler (every rank, same order): install/expire the plan, apply shedding."""
+        self.plan.apply(update)
+        if update.plan is not None:
+            self._shed(update.plan.decisions)
+        return None
+
+    def _shed(self, decisions) -> None:
+        """BEST_EFFORT/PREEMPT: lowest SGLang priority, so priority retraction/preemption drop them first."""
+        sched = self.scheduler
+        if not decisions or not getattr(sched, "enable_priority_scheduling", False):
+            return
+        lowest = sys.maxsize if getattr(sched, "schedule_low_priority_values_first", False) else -sys.maxsize - 1
+        shed = {d.rid for d in decisions if d.decision in (Decision.BEST_EFFORT, Decision.PREEMPT)}
+        for req in self._live_reqs():
+            if req.rid in shed:
+                req.priority = lowest
+
+    def should_defer_prefill(self, original, running_batch) -> bool:
+        """The plan's prefill-or-decode choice; SGLang's own rule when no plan rules."""
+        view = self.plan.view
+        self.building_plan_step = self.plan.step
+        if view is None:
+            return original(self.scheduler, running_batch)
+        return not view.wants_prefill()
+
+    def note_launch(self, batch) -> None:
+        """Remember which plan built the batch SGLang just launched (for its report)."""
+        self.plan_step_of_launch[batch.forward_iter] = getattr(self, "building_plan_step", -1)
+
+    # ---------------------------------------------------------------- rank 0
+
+    def poll(self) -> list:
+        """Runs in `_poll_timeout_aborts` on rank 0; returns objects for SGLang's broadcast."""
+        now = self.clock()
+        out: list = []
+        if self.endpoint is None:
+            self._arrivals.clear()
+            return out
+        if self.link is None:
+            self.link = PlannerLink(self.endpoint, self._hello, self._resync)
+        plan = self.link.poll(now)
+        self._announce_arrivals(now)
+        if plan is not None:
+            self._valid_until_s = plan.valid_until_s
+            self._expire_sent = False
+            out.append(PlannerUpdate(plan=plan))
+            out.extend(self._rejections(plan, now))
+        elif not self._expire_sent and now > self._valid_until_s:
+            self._expire_sent = True
+            out.append(PlannerUpdate(expire=True))
+        if now - self._last_sweep_s >= SWEEP_S:
+            self._last_sweep_s = now
+            self._sweep_gone(now)
+        return out
+
+    def report(self, batch, result) -> None:
+        """Runs after `process_batch_result` on rank 0: IterationReport + RequestFinished."""
+        now = self.clock()
+        note_first_tokens(batch.reqs, now)
+        self.step += 1
+        sched = self.scheduler
+        if self.link is None:
+            return
+        plan_step = self.plan_step_of_launch.pop(batch.forward_iter, -1)
+        report = build_report(
+            batch,
+            result,
+            step=self.step,
+            plan_step=plan_step,
+            end_s=now,
+            kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
+            waiting=len(sched.waiting_queue),
+            spec_depth=self._current_depth(),
+        )
+        if self.link.send(report, now):
+            self.reports_sent += 1
+        for req in batch.reqs:
+            if req.finished() and req.rid in self.tracked:
+                self._finish(req, finish_reason_of(req), now)
+
+    def _announce_arrivals(self, now: float) -> None:
+        for req in self._arrivals:
+            if req.finished() or req_slo(req) is None:
+                continue
+            self.tracked[req.rid] = req
+            self.link.send(self._arrived(req), now)
+        self._arrivals.clear()
+
+    def _arrived(self, req) -> RequestArrived:
+        s = req_slo(req)
+        return RequestArrived(
+            rid=req.rid,
+            prompt_tokens=len(req.origin_input_ids),
+            max_new_tokens=int(req.sampling_params.max_new_tokens or 0),
+            slo=s.slo,
+            arrival_s=s.arrival_s,
+            session_id=s.session_id,
+            cached_prefix_tokens=int(getattr(req, "prefix_len", 0) or 0),
+        )
+
+    def _rejections(self, plan, now: float) -> list:
+        """AbortReqs for REJECT decisions (they ride the broadcast like SGLang's timeout aborts)."""
+        from sglang.srt.managers.io_struct import AbortReq
+
+        out = []
+        for d in plan.decisions:
+            if d.decision != Decision.REJECT or d.rid not in self.tracked:
+                continue
+            msg = "rejected by the SLO planner: its SLO cannot be met under the current load"
+            out.append(
+                AbortReq(
+                    rid=d.rid,
+                    abort_message=msg,
+                    finished_reason={"type": "abort", "status_code": HTTPStatus.SERVICE_UNAVAILABLE, "message": msg},
+                )
+            )
+            self.rejected += 1
+            self._finish(self.tracked[d.rid], FinishReason.REJECTED, now, msg)
+        return out
+
+    def _finish(self, req, reason: FinishReason, now: float, message: str = "") -> None:
+        self.tracked.pop(req.rid, None)
+        self.link.send(RequestFinished(rid=req.rid, reason=reason, decoded=len(req.output_ids), finish_s=now, message=message), now)
+
+    def _sweep_gone(self, now: float) -> None:
+        """Requests that left without a batch result (aborted while queued) are reported finished."""
+        live = {r.rid for r in self._live_reqs()}
+        for rid, req in list(self.tracked.items()):
+            if rid not in live:
+                self._finish(req, finish_reason_of(req) if req.finished() else FinishReason.ABORT, now)
+
+    def _live_reqs(self):
+        sched = self.scheduler
+        reqs = list(getattr(sched, "waiting_queue", []))
+        for batch in (getattr(sched, "running_batch", None), getattr(sched, "last_batch", None)):
+            if batch is not None:
+                reqs.extend(batch.reqs)
+        for batch, _ in getattr(sched, "result_queue", ()):
+            reqs.extend(batch.reqs)
+        if getattr(sched, "chunked_req", None) is not None:
+            reqs.append(sched.chunked_req)
+        return reqs
+
+    def _current_depth(self) -> int:
+        worker = getattr(self.scheduler, "draft_worker", None)
+        return int(getattr(worker, "speculative_num_steps", 0) or 0) if worker is not None else 0
+
+    def _hello(self, now: float) -> EngineHello:
+        sched = self.scheduler
+        tiers = _depth_tiers()
+        budget = getattr(sched, "chunked_prefill_size", None) or getattr(sched, "max_prefill_tokens", 0)
+        return EngineHello(
+            protocol_version=PROTOCOL_VERSION,
+            engine="sglang",
+            spec_modes=[SpecMode.NONE, SpecMode.CHAIN] if tiers else [SpecMode.NONE],
+            max_batch_tokens=int(budget or 1),
+            kv_capacity_tokens=int(getattr(sched, "max_total_num_tokens", 0) or 1),
+            max_depth=max(tiers, default=0),
+            max_width=1,
+            depth_tiers=tiers,
+            kv_block_tokens=int(getattr(sched, "page_size", 1) or 1),
+            clock_s=now,
+        )
+
+    def _resync(self, now: float) -> Resync:
+        snaps = []
+        for req in self.tracked.values():
+            s = req_slo(req)
+            prefilled = len(req.origin_input_ids) if req.output_ids else int(getattr(req, "prefix_len", 0) or 0)
+            snaps.append(
+                RequestSnapshot(
+                    arrived=self._arrived(req),
+                    prefilled=prefilled,
+                    decoded=len(req.output_ids),
+                    first_token_s=s.first_token_s if s else 0.0,
+                    decision=Decision.ADMIT if req.output_ids else Decision.DEFER,
+                )
+            )
+        sched = self.scheduler
+        return Resync(
+            now_s=now,
+            step=self.step,
+            requests=snaps,
+            kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
+        )
+
+
+def _depth_tiers() -> list[int]:
+    """Candidate depths SGLang pre-captured (adaptive EAGLE), or [] without speculation."""
+    try:
+        from sglang.srt.runtime_context import get_spec  # noqa: PLC0415 -- resolved at runtime
+    except ImportError:
+        return []
+    try:
+        spec = get_spec()
+    except Exception:  # config namespace not published (unit tests)
+        return []
+    if not getattr(spec, "speculative_algorithm", None):
+        return []
+    if not getattr(spec, "speculative_adaptive", False):
+        steps = getattr(spec, "speculative_num_steps", 0) or 0
+        return [int(steps)] if steps else []
+    from sglang.srt.speculative.adaptive_spec_params import resolve_candidate_steps_from_config
+
+    return resolve_candidate_steps_from_config(getattr(spec, "speculative_adaptive_config", None))

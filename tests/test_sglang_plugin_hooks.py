@@ -1,0 +1,437 @@
+"""Every plugin hook against SGLang 0.5.23's real classes (no server).
+
+Real: Req, SamplingParams, PrefillAdder + token KV allocator + radix cache, SchedulePolicy,
+Scheduler methods (wrapped exactly as SGLang's HookRegistry wraps them) on an
+`object.__new__(Scheduler)` shell, AdaptiveSpeculativeParams, ZeroMQ sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+
+import pytest
+
+pytest.importorskip("sglang", reason="SGLang is not installed (make sglang-cpu)")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from protos.channel import PlannerChannel, ipc_endpoint  # noqa: E402
+from protos.messages import (  # noqa: E402
+    PROTOCOL_VERSION, Decision, EngineHello, FinishReason, IterationReport, PlannerWelcome, RequestArrived,
+    RequestFinished, Resync,
+)
+from sglang_slo.sglang_plugin import hooks, targets  # noqa: E402
+from sglang_slo.sglang_plugin.plan_state import PlannerUpdate, PlanState, PlanView  # noqa: E402
+from sglang_slo.sglang_plugin.scheduler_state import SloSchedulerState  # noqa: E402
+from tests.sglang_support.factories import (  # noqa: E402
+    adder_args, kv_and_cache, make_plan, make_req, publish_config, run_prefill_pass, scheduler_shell,
+)
+from tests.sglang_support.tiny_llama import make_tiny_llama  # noqa: E402
+
+from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SchedulePolicy  # noqa: E402
+from sglang.srt.managers.scheduler import Scheduler  # noqa: E402
+from sglang.srt.plugins.hook_registry import HookType, _wrap_fn  # noqa: E402
+from sglang.utils import TypeBasedDispatcher  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sglang_config(tmp_path_factory):
+    publish_config(make_tiny_llama(tmp_path_factory.mktemp("tiny")))
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def hooked(target_fn, hook, kind):
+    """`target_fn` wrapped exactly as SGLang's HookRegistry.apply_hooks wraps it."""
+    return _wrap_fn(target_fn, hook, kind)
+
+
+def state_for(sched, **kw) -> SloSchedulerState:
+    sched.slo_state = SloSchedulerState(sched, endpoint=kw.pop("endpoint", None), **kw)
+    return sched.slo_state
+
+
+# ------------------------------------------------------------------ start-up check
+
+
+def test_every_target_exists_with_expected_signature():
+    assert targets.problems() == []
+
+
+def test_missing_target_refuses_to_start_naming_it(monkeypatch):
+    bogus = targets.Target("sglang.srt.managers.scheduler.Scheduler.no_such_hook", ("self",), "test")
+    monkeypatch.setattr(targets, "TARGETS", targets.TARGETS + (bogus,))
+    with pytest.raises(targets.UnsupportedSglangError) as e:
+        try:
+            targets.check_targets()
+        except Exception:  # what SGLang's load_plugins() catches: must not swallow the refusal
+            pytest.fail("the refusal was an Exception; SGLang's plugin loader would swallow it")
+    assert "Scheduler.no_such_hook" in str(e.value) and "sglang==0.5.23" in str(e.value)
+
+
+def test_changed_signature_refuses(monkeypatch):
+    moved = targets.Target("sglang.srt.managers.scheduler.Scheduler._should_defer_prefill", ("self", "batch"), "t")
+    monkeypatch.setattr(targets, "TARGETS", (moved,))
+    found = targets.problems()
+    assert len(found) == 1 and "('self', 'running_batch')" in found[0]
+
+
+# ------------------------------------------------------------------ SLO intake
+
+
+def test_slo_becomes_absolute_deadlines_on_req():
+    sched = scheduler_shell(enable_priority_scheduling=True)
+    state_for(sched, clock=FakeClock(50.0))
+    create = hooked(Scheduler._create_generation_req, hooks.attach_request_slo, HookType.AFTER)
+    base = make_req(10, rid="x", slo={"ttft_ms": 300, "tpot_ms": 40})
+    req = create(sched, None, "x", "", base.origin_input_ids, base.sampling_params, priority=None, vocab_size=512)
+    assert req.slo.ttft_deadline_s == pytest.approx(50.3)
+    assert req.slo.token_deadline_s(3) == pytest.approx(50.3 + 2 * 0.040)
+    assert req.to_finish is None
+    assert req.priority == req.slo.slo.priority  # the class priority, for SGLang's priority queue
+
+
+def test_explicit_priority_wins():
+    sched = scheduler_shell(enable_priority_scheduling=True)
+    state_for(sched)
+    req = make_req(10, slo={"ttft_ms": 300, "tpot_ms": 40}, priority=7)
+    hooks.attach_request_slo(req, sched, None)
+    assert req.priority == 7 and req.slo.slo.priority == 7
+
+
+@pytest.mark.parametrize("slo, field", [({"ttft_ms": -5, "tpot_ms": 40}, "ttft_ms"), ({"tpot_ms": "fast"}, "tpot_ms"),
+                                        ({"bogus": 1}, "bogus")])
+def test_invalid_slo_aborts_that_request_with_clear_error(slo, field):
+    sched = scheduler_shell()
+    state_for(sched)
+    req = make_req(10, slo=slo)
+    hooks.attach_request_slo(req, sched, None)
+    assert type(req.to_finish).__name__ == "FINISH_ABORT"
+    assert "invalid SLO" in req.to_finish.message and field in req.to_finish.message
+    assert not hasattr(req, "slo")
+
+
+# ------------------------------------------------------------------ planner link + broadcast
+
+
+def test_plan_update_survives_pickle_broadcast_and_reaches_dispatcher():
+    sched = scheduler_shell()
+    hooks.route_planner_updates(None, sched)
+    update = pickle.loads(pickle.dumps(PlannerUpdate(plan=make_plan(step=9, prefill={"a": 5}))))  # broadcast_pyobj
+    assert sched._request_dispatcher(update) is None
+    assert sched.slo_state.plan.step == 9 and sched.slo_state.plan.view.prefill_tokens == {"a": 5}
+
+
+def test_plan_state_keeps_newest_and_expires():
+    ps = PlanState()
+    ps.apply(PlannerUpdate(plan=make_plan(step=5)))
+    ps.apply(PlannerUpdate(plan=make_plan(step=3)))  # late, older plan: ignored
+    assert ps.step == 5
+    ps.apply(PlannerUpdate(expire=True))
+    assert ps.view is None and ps.step == -1
+
+
+def _planner(endpoint):
+    return PlannerChannel(endpoint)
+
+
+def _poll_until(poll, sched, clock, pred, tries=300):
+    """Poll like the scheduler loop does (clock moving) until `pred(output)` holds."""
+    import time as _time
+
+    for _ in range(tries):
+        out = poll(sched)
+        if pred(out):
+            return out
+        clock.t += 0.6  # past the link's hello retry interval
+        _time.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
+def _recv(planner, kind, tries=50):
+    for _ in range(tries):
+        got = planner.recv(100)
+        if got is not None and isinstance(got[1], kind):
+            return got
+    raise AssertionError(f"no {kind.__name__} received")
+
+
+def test_rank0_poll_handshakes_and_broadcasts_plans_over_zmq():
+    endpoint = ipc_endpoint("test-plugin")
+    planner = _planner(endpoint)
+    clock = FakeClock()
+    sched = scheduler_shell()
+    sched.token_to_kv_pool_allocator = kv_and_cache()[0]
+    state = state_for(sched, endpoint=endpoint, clock=clock)
+    sched._request_dispatcher += TypeBasedDispatcher([(PlannerUpdate, state.apply_update)])  # as the hook does
+    poll = hooked(Scheduler._poll_timeout_aborts, hooks.poll_planner, HookType.AFTER)
+    try:
+        _poll_until(poll, sched, clock, lambda out: out == [] and state.link.state.value == "waiting")  # hello sent
+        engine, hello = _recv(planner, EngineHello)
+        assert hello.engine == "sglang" and hello.kv_capacity_tokens == 4096
+        planner.send(engine, PlannerWelcome(protocol_version=PROTOCOL_VERSION, accepted=True, policy="t"))
+        _poll_until(poll, sched, clock, lambda out: state.link.up)
+        _recv(planner, Resync)
+        req = make_req(20, rid="q1", slo={"ttft_ms": 500, "tpot_ms": 50})
+        hooks.attach_request_slo(req, sched, None)  # arrives while the link is up:
+        sched.waiting_queue.append(req)
+        poll(sched)  # announced on the next loop pass
+        _, arrived = _recv(planner, RequestArrived)
+        assert arrived.rid == "q1" and arrived.prompt_tokens == 20 and arrived.slo.ttft_s == pytest.approx(0.5)
+        planner.send(engine, make_plan(step=4, prefill={"q1": 8}, valid_until_s=clock.t + 1.0))
+        out = _poll_until(poll, sched, FakeClock(), bool)  # (a frozen clock: the plan must stay fresh)
+        assert len(out) == 1 and isinstance(out[0], PlannerUpdate) and out[0].plan.step == 4
+        for item in out:  # what every rank's dispatcher does with the broadcast list
+            sched._request_dispatcher(item)
+        assert state.plan.view.prefill_tokens == {"q1": 8}
+        clock.t += 2.0  # past valid_until_s: rank 0 broadcasts the expiry, every rank falls back
+        out = poll(sched)
+        assert [u.expire for u in out] == [True]
+        sched._request_dispatcher(out[0])
+        assert state.plan.view is None
+        planner.send(engine, make_plan(step=6, decisions={"q1": Decision.REJECT}, valid_until_s=clock.t + 1))
+        out = _poll_until(poll, sched, FakeClock(), bool)
+        aborts = [o for o in out if type(o).__name__ == "AbortReq"]
+        assert aborts and aborts[0].rid == "q1" and "rejected by the SLO planner" in aborts[0].abort_message
+        _, fin = _recv(planner, RequestFinished)
+        assert fin.rid == "q1" and fin.reason == FinishReason.REJECTED
+    finally:
+        state.link.close()
+        planner.close()
+
+
+def test_dead_planner_never_blocks_and_link_goes_down():
+    endpoint = ipc_endpoint("test-plugin-dead")
+    planner = _planner(endpoint)
+    sched = scheduler_shell()
+    sched.token_to_kv_pool_allocator = kv_and_cache()[0]
+    clock = FakeClock()
+    state = state_for(sched, endpoint=endpoint, clock=clock)
+    poll = hooked(Scheduler._poll_timeout_aborts, hooks.poll_planner, HookType.AFTER)
+    _poll_until(poll, sched, clock, lambda out: state.link.state.value == "waiting")
+    engine, _ = _recv(planner, EngineHello)
+    planner.send(engine, PlannerWelcome(protocol_version=PROTOCOL_VERSION, accepted=True, policy="t"))
+    _poll_until(poll, sched, clock, lambda out: state.link.up)
+    planner.close()  # the planner dies
+    import time as _time
+
+    t0 = _time.perf_counter()
+    for _ in range(50):
+        clock.t += 0.1
+        state.poll()
+        state.link.send(IterationReport(step=1, start_s=0, end_s=0, plan_step=-1, prefill_tokens=0, verify_tokens=0,
+                                        draft_steps=0, context_tokens=0, kv_free_tokens=0), clock.t)
+        _time.sleep(0.005)
+    assert _time.perf_counter() - t0 < 5.0
+    assert not state.link.up
+    state.link.close()
+
+
+# ------------------------------------------------------------------ prefill-or-decode
+
+
+def test_defer_prefill_follows_plan_else_sglang():
+    sched = scheduler_shell()
+    state = state_for(sched)
+    defer = hooked(Scheduler._should_defer_prefill, hooks.defer_prefill_by_plan, HookType.AROUND)
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    running = ScheduleBatch(reqs=[])
+    assert defer(sched, running) is False  # no plan: SGLang's rule (interval 0 -> never defer)
+    state.apply_update(PlannerUpdate(plan=make_plan(prefill={})))
+    assert defer(sched, running) is True  # plan says: decode iteration
+    state.apply_update(PlannerUpdate(plan=make_plan(step=2, prefill={"a": 4})))
+    assert defer(sched, running) is False
+
+
+# ------------------------------------------------------------------ admission, chunks, budget
+
+
+def _adder(plan, max_prefill=1000, chunk=256):
+    from sglang_slo.sglang_plugin.prefill_adder import SloPrefillAdder
+
+    alloc, cache = kv_and_cache()
+    sched = scheduler_shell()
+    state = state_for(sched)
+    if plan is not None:
+        state.apply_update(PlannerUpdate(plan=plan))
+    factory = hooked(Scheduler.get_prefill_adder_class, hooks.plan_prefill_adder, HookType.AROUND)(sched)
+    adder = factory(*adder_args(alloc, cache, max_prefill, chunk), max_prefill_bs=0, prefill_max_requests=None)
+    assert isinstance(adder, SloPrefillAdder)
+    return adder, cache
+
+
+def test_plan_sets_admitted_set_and_chunk_sizes():
+    a, b, c = make_req(100, "a"), make_req(300, "b"), make_req(50, "c")
+    adder, cache = _adder(make_plan(budget=400, prefill={"b": 120, "c": 50}))
+    queue = [a, b, c]
+    SchedulePolicy._sort_by_priority_and_fcfs  # noqa: B018 -- (SGLang's sort runs first in the hook)
+    from sglang_slo.sglang_plugin.queue_order import order_waiting_queue
+
+    order_waiting_queue(queue, adder.plan, edf_fallback=False)
+    assert [r.rid for r in queue] == ["b", "c", "a"]
+    admitted = run_prefill_pass(adder, queue, cache)
+    assert [r.rid for r in admitted] == ["b", "c"]
+    assert b.extend_len == 120 and adder.new_chunked_req is b  # b is the one partial chunk
+    assert c.extend_len == 50
+
+    # the same queue through SGLang's stock adder admits differently (FCFS, 256-token chunk)
+    alloc, cache2 = kv_and_cache()
+    stock = PrefillAdder(*adder_args(alloc, cache2))
+    a2, b2, c2 = make_req(100, "a"), make_req(300, "b"), make_req(50, "c")
+    got = run_prefill_pass(stock, [a2, b2, c2], cache2)
+    assert [r.rid for r in got] == ["a", "b"] and b2.extend_len == 156
+
+
+def test_plan_token_budget_caps_the_pass():
+    b = make_req(300, "b")
+    adder, cache = _adder(make_plan(budget=64, prefill={"b": 200}))
+    run_prefill_pass(adder, [b], cache)
+    assert b.extend_len == 64
+
+
+def test_no_plan_is_sglang_unchanged():
+    adder, cache = _adder(None)
+    reqs = [make_req(100, "a"), make_req(300, "b")]
+    run_prefill_pass(adder, reqs, cache)
+    assert [r.extend_len for r in adder.can_run_list] == [100, 156]
+
+
+def test_second_partial_chunk_is_refused_while_one_is_open():
+    adder, cache = _adder(make_plan(budget=1000, prefill={"old": 40, "n": 30}))
+    old = make_req(200, "old")
+    old.init_next_round_input(cache)
+    old.prefix_len = 0
+    still_partial = adder.add_chunked_req(old)
+    assert still_partial is old and old.extend_len == 40  # chunk capped at the plan's 40
+    n = make_req(100, "n")
+    n.init_next_round_input(cache)
+    assert adder.add_one_req(n, has_chunked_req=True, truncation_align_size=None) == AddReqResult.OTHER
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lens=st.lists(st.integers(1, 400), min_size=1, max_size=6),
+    planned=st.lists(st.integers(1, 400), min_size=1, max_size=6),
+    budget=st.integers(1, 800),
+)
+def test_admission_never_exceeds_plan(lens, planned, budget):
+    reqs = [make_req(n, f"p{i}") for i, n in enumerate(lens)]
+    plan = make_plan(budget=budget, prefill={r.rid: t for r, t in zip(reqs[::2], planned)})
+    adder, cache = _adder(plan)
+    from sglang_slo.sglang_plugin.queue_order import order_waiting_queue
+
+    order_waiting_queue(reqs, adder.plan, edf_fallback=False)
+    admitted = run_prefill_pass(adder, reqs, cache)
+    view = adder.plan
+    assert {r.rid for r in admitted} <= set(view.prefill_tokens)
+    assert all(r.extend_len <= view.prefill_tokens[r.rid] for r in admitted)
+    assert sum(r.extend_len for r in admitted) <= budget
+    assert sum(r.extend_len < len(r.origin_input_ids) for r in admitted) <= 1  # one partial chunk at most
+
+
+# ------------------------------------------------------------------ queue order
+
+
+def test_calc_priority_hook_orders_by_plan_then_deadline():
+    sched = scheduler_shell()
+    state = state_for(sched, clock=FakeClock(10.0))
+    reqs = {}
+    for rid, ttft in (("late", 900), ("soon", 100), ("mid", 400), ("planned", 950)):
+        reqs[rid] = make_req(10, rid, slo={"ttft_ms": ttft, "tpot_ms": 50})
+        state.on_new_request(reqs[rid])
+    _, cache = kv_and_cache()
+    policy = SchedulePolicy("fcfs", cache, False, False, False)
+    calc = hooked(SchedulePolicy.calc_priority, hooks.order_queue_by_plan, HookType.AROUND)
+    queue = list(reqs.values())
+    calc(policy, queue, None, processed_tokens=0)
+    assert [r.rid for r in queue] == ["late", "soon", "mid", "planned"]  # no plan, no EDF: SGLang's FCFS
+    state.edf_fallback = True
+    calc(policy, queue, None, processed_tokens=0)
+    assert [r.rid for r in queue] == ["soon", "mid", "late", "planned"]
+    state.apply_update(PlannerUpdate(plan=make_plan(prefill={"planned": 10})))
+    calc(policy, queue, None, processed_tokens=0)
+    assert [r.rid for r in queue] == ["planned", "soon", "mid", "late"]
+
+
+# ------------------------------------------------------------------ shedding
+
+
+def test_best_effort_and_preempt_decisions_lower_sglang_priority():
+    sched = scheduler_shell(enable_priority_scheduling=True)
+    state = state_for(sched)
+    keep, shed = make_req(10, "keep", priority=5), make_req(10, "shed", priority=5)
+    sched.waiting_queue = [keep, shed]
+    state.apply_update(PlannerUpdate(plan=make_plan(decisions={"shed": Decision.PREEMPT, "keep": Decision.ADMIT})))
+    assert keep.priority == 5 and shed.priority == -sys.maxsize - 1
+
+
+# ------------------------------------------------------------------ feedback
+
+
+def test_iteration_report_from_a_real_prefill_batch():
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_slo.sglang_plugin.iteration_report import build_report
+
+    a, b = make_req(30, "a"), make_req(80, "b")
+    batch = ScheduleBatch(reqs=[a, b], forward_mode=ForwardMode.EXTEND, extend_lens=[30, 50], prefix_lens=[0, 0])
+    batch.launch_ts = 5.0
+    a.output_ids.append(7)
+    rep = build_report(batch, SimpleNamespace(), step=3, plan_step=2, end_s=5.01, kv_free_tokens=900, waiting=4)
+    assert (rep.step, rep.plan_step, rep.prefill_tokens, rep.verify_tokens, rep.waiting) == (3, 2, 80, 0, 4)
+    assert [(p.rid, p.prefilled, p.prefill_tokens, p.decoded) for p in rep.progress] == [
+        ("a", 30, 30, 1), ("b", 50, 50, 0)]
+    batch.forward_mode = ForwardMode.DECODE
+    rep = build_report(batch, SimpleNamespace(num_correct_drafts_per_req_cpu=[2, 0]), step=4, plan_step=-1,
+                       end_s=6.0, kv_free_tokens=800, waiting=0, spec_depth=3)
+    assert rep.verify_tokens == 2 * 4 and rep.draft_steps == 3 and [p.accepted for p in rep.progress] == [2, 0]
+
+
+# ------------------------------------------------------------------ speculation depth
+
+
+def test_spec_policy_uses_plan_depth_snapped_to_captured_tiers(tmp_path):
+    from sglang_slo.sglang_plugin.spec_policy import SloStepPolicy
+
+    cfg = tmp_path / "tiers.json"
+    cfg.write_text(json.dumps({"1": {"candidate_steps": [0, 1, 3, 5]}}))
+    view = {"v": None}
+    SloStepPolicy.plan_source = staticmethod(lambda: view["v"])
+    try:
+        policy = SloStepPolicy(initial_steps=3, cfg_path=str(cfg))
+        assert policy.candidate_steps == [0, 1, 3, 5]
+        assert policy.get_steps_for_batch(4) == 3  # no plan: SGLang's EMA slot (starts at 3)
+        view["v"] = PlanView.of(make_plan(spec_depth=4))
+        assert policy.get_steps_for_batch(4) == 3  # 4 is not captured: deepest tier below
+        view["v"] = PlanView.of(make_plan(spec_depth=0))
+        assert policy.get_steps_for_batch(4) == 0
+        assert policy.on_verify_complete([3, 3, 3, 3], 4) is None  # the plan rules, EMA never switches
+    finally:
+        SloStepPolicy.plan_source = staticmethod(lambda: None)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def test_entry_point_dist_info_is_discoverable(tmp_path):
+    from importlib.metadata import distributions
+
+    from sglang_slo.sglang_plugin.entry_point import GROUP, VALUE, write_entry_point
+
+    write_entry_point(tmp_path)
+    eps = [ep for d in distributions(path=[str(tmp_path)]) for ep in d.entry_points if ep.group == GROUP]
+    assert [(ep.name, ep.value) for ep in eps] == [("slo", VALUE)]
+    assert eps[0].load().__module__ == "sglang_slo.sglang_plugin"
