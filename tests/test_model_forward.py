@@ -125,3 +125,14 @@ def test_bad_inputs_raise_clear_errors(pair, tmp_path):
                                   "hidden_size": 8, "intermediate_size": 8,
                                   "num_hidden_layers": 1, "num_attention_heads": 2})
 
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+    ours = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        assert (ours.logits(ours.forward_dense(ids)) - hf(ids).logits).abs().max() < 1e-4
