@@ -4,7 +4,8 @@
 
 For each batch size: milliseconds per decode forward (metadata build + forward + logits of
 the batch's rows), split into `build_ms` (AttentionBatch.build) and `forward_ms`; the same
-for a verify step with an 8-node tree per sequence. `overhead_fraction` estimates how much
+for a verify step with an 8-node tree per sequence. Times are medians of this thread's CPU
+time (robust when other processes share the cores); `wall_ms` is the wall-clock median. `overhead_fraction` estimates how much
 of a forward is fixed per-op cost (Python + dispatch) rather than arithmetic: the time of a
 model with the same layer count and op sequence but width 16 divided by the real time.
 """
@@ -46,21 +47,27 @@ def time_steps(model: LlamaForCausalLM, batch_size: int, context: int, query_len
     gen = torch.Generator().manual_seed(0)
     mask = _chain_tree_mask(query_len) if query_len > 1 else None
     ids = torch.randint(0, cfg.vocab_size, (batch_size * query_len,), generator=gen)
-    build, fwd = [], []
+    build, fwd, wall = [], [], []
     for _ in range(iters + 3):
-        t0 = time.perf_counter()
+        w0, t0 = time.perf_counter(), time.thread_time()
         batch = AttentionBatch.build([SequenceInput(t, context, query_len, tree_mask=mask)
                                       for t in tables], block_size)
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         hidden = model.forward(ids, batch.positions, batch, kv)
         model.logits(hidden if query_len > 1 else hidden[batch.last_rows])
-        t2 = time.perf_counter()
+        t2, w2 = time.thread_time(), time.perf_counter()
         build.append(t1 - t0)
         fwd.append(t2 - t1)
-    build, fwd = sorted(build[3:]), sorted(fwd[3:])
-    b, f = build[len(build) // 2] * 1e3, fwd[len(fwd) // 2] * 1e3
+        wall.append(w2 - w0)
+
+    def median_ms(xs: list[float]) -> float:
+        xs = sorted(xs[3:])
+        return xs[len(xs) // 2] * 1e3
+
+    b, f = median_ms(build), median_ms(fwd)
     return {"batch": batch_size, "query_len": query_len, "context": context,
             "build_ms": round(b, 3), "forward_ms": round(f, 3), "step_ms": round(b + f, 3),
+            "wall_ms": round(median_ms(wall), 3),
             "tokens_per_s": round(batch_size * query_len / ((b + f) / 1e3), 1)}
 
 
