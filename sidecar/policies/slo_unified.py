@@ -3,29 +3,29 @@
 Every plan, for the iteration that starts when the running one ends (plans are pipelined):
 
 1. Deadlines. For each SLO decoder i: slack_i = deadline of its next token (stage-aware,
-   SLOs-Serve schedule) - iteration start; tpot_i of its current stage; E_i[d] = expected
-   committed tokens of a depth-d draft from its own acceptance estimate (AdaSpec's E_i).
-2. Iteration length. An iteration of T seconds needs A_i(T) = 1 + (T - slack_i)/tpot_i + margin
-   tokens from request i (AdaServe's A(r) on the deadline schedule; reasoning think/answer and
-   tool stages come in through the stage TPOTs). Its tree costs nodes_i(T) verify tokens (the
-   fewest with E_i >= A_i). T is bounded by the tightest decoder (A_i <= safety * E_i[D_max]);
-   among a few T in [T_min, T_max] pick the one leaving the most spare tokens per second,
-   (B(T) - sum nodes_i(T)) / T: the load-adaptive budget B(T) = cost.max_tokens_within(T).
-3. Speculation only where it pays: trees are sized to A_i (slack-rich requests verify just
-   their root); leftover tokens below the cost model's knee are free and go to a global
-   path-probability fill (deeper/wider drafts), above it they go to prefill.
+   SLOs-Serve schedule) - iteration start; tpot_i of its current stage; E_i[m] = expected
+   committed tokens of an m-node draft from its own acceptance estimate (AdaSpec's E_i).
+2. Trees sized by efficiency, floored by deadlines. Every iteration each batched request
+   costs a fixed F_i (its KV reads + its share of the weights pass and draft steps) plus c
+   per verify token, so its cheapest tokens come from m_i = argmax_m E_i[m] / (F_i + c m)
+   nodes (SpecServe's goodput G per request: speculation shrinks or switches off where it
+   does not pay). A request behind its deadlines gets at least the nodes reaching
+   A_i = 1 + (T - slack_i) / tpot_i + margin (AdaServe's A(r) on the deadline schedule;
+   reasoning think/answer and tool stages come in through the stage TPOTs).
+3. Load-adaptive budget. T_lim = the longest iteration that keeps every SLO decoder on its
+   deadlines (A_i <= safety * E_i[m_i]); the efficiency extras are cut level by level until
+   the decode part fits; the rest of B(T_lim) = cost.max_tokens_within(T_lim) goes to prefill.
 4. Admission + prefill against TTFT deadlines: EDF with Moore-Hodgson dropping at the spare
-   rate (edf_admission.py), the decode load of each admitted request charged to the rate;
-   KV checked. Requests that can no longer meet their TTFT run best effort (leftover budget
-   and KV only, preempted first under KV pressure).
-5. Online calibration comes from the planner's cost model (refit) and acceptance model
-   (per-request estimates) that this policy reads every plan.
+   rate (edf_admission.py), each admitted request's decode load charged to that rate; KV
+   checked. Requests that can no longer meet their TTFT run best effort (leftover budget and
+   KV only, preempted first under KV pressure).
+5. Online calibration: the planner's cost model (refit) and acceptance model (per request)
+   feed every plan.
 O(n log n) per plan; numpy for the per-request tree arithmetic.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,8 @@ import numpy as np
 from protos import messages as protos
 from sidecar.policies.base import PlanContext, Policy, build_config
 from sidecar.policies.edf_admission import Job, admit_edf
-from sidecar.policies.engine_shapes import covering_budget, knee_budget, snap_depth, snap_width
+from sidecar.policies.expected_rows import ExpectedRows
+from sidecar.policies.engine_shapes import covering_budget, snap_depth, snap_width
 from sidecar.policies.prefill_packing import kv_need, pack
 
 Decision = protos.Decision
@@ -44,31 +45,42 @@ _ADMIT, _BE = Decision.ADMIT, Decision.BEST_EFFORT
 class UnifiedConfig:
     max_depth: int = 8
     """Deepest draft used (clipped to the engine)."""
-    max_width: int = 2
-    """Widest tree level used for the free fill (clipped to the engine)."""
+    width: int = 2
+    """Tree width of every draft (clipped to the engine); the engine picks the best nodes."""
     margin: float = 0.3
-    """Extra expected tokens asked of each request per iteration (acceptance noise)."""
+    """Extra expected tokens asked of a request behind its deadlines (acceptance noise)."""
     safety: float = 0.8
-    """A request may rely on this share of its deepest tree's expected tokens when T is chosen."""
-    knee_factor: float = 2.0
-    """Tokens up to the knee (iteration <= knee_factor x a 1-token one) count as free."""
-    max_iter_s: float = 0.2
+    """A request may rely on this share of its tree's expected tokens when T_lim is set."""
+    max_iter_s: float = 0.15
     """Longest iteration ever planned, seconds."""
-    t_candidates: int = 5
-    """Iteration lengths tried between the shortest and the longest feasible one."""
-    decode_efficiency: float = 1.5
+    efficiency: bool = True
+    """Size trees by per-request goodput (off: deadline minimum only)."""
+    decode_efficiency: float = 2.0
     """Committed tokens per verify token assumed when charging an admission's decode load."""
     admit_slack_s: float = 0.0
     """Lateness tolerated by the TTFT feasibility check, seconds."""
+    ttft_lead_iters: float = 1.0
+    """Prefill must end this many iterations before the TTFT deadline: the first decode step
+    after the first token runs on a plan made before the request was decoding, and a tight
+    TPOT leaves no room for a late start."""
     best_effort: bool = True
     """Requests that cannot meet their TTFT run best effort instead of being rejected."""
     new_token_ratio: float = 0.4
     """Share of remaining output reserved in KV on admission."""
+    ttft_frac: float = 0.25
+    """Iterations stay below this share of the tightest TTFT seen in the last `ttft_memory_s`:
+    a new request waits ~2 iterations (running + planned) before its prefill even starts."""
+    ttft_memory_s: float = 5.0
+    """How long a tight TTFT keeps iterations short after the last such request, seconds."""
+    alpha_refresh: int = 8
+    """Plans between re-reads of a request's acceptance estimate (incremental state)."""
 
     def __post_init__(self):
-        if self.max_depth < 0 or self.max_width < 1 or not 0 < self.safety <= 1 or self.t_candidates < 1:
+        if self.alpha_refresh < 1:
+            raise ValueError(f"slo_unified: alpha_refresh must be >= 1: {self}")
+        if self.max_depth < 0 or self.width < 1 or not 0 < self.safety <= 1:
             raise ValueError(f"slo_unified: bad config {self}")
-        if self.max_iter_s <= 0 or self.decode_efficiency <= 0 or self.knee_factor <= 1:
+        if self.max_iter_s <= 0 or self.decode_efficiency <= 0 or self.margin < 0:
             raise ValueError(f"slo_unified: bad config {self}")
 
 
@@ -78,9 +90,41 @@ class UnifiedPolicy(Policy):
     def __init__(self, config: UnifiedConfig | None = None):
         self.config = config or UnifiedConfig()
         self._t_running = 0.0  # predicted length of the iteration the engine runs now, seconds
+        self._plans = 0
+        self.counters = {"late": 0, "declined": 0, "admitted": 0, "kv_blocked": 0}
+        """Admission outcomes so far (late: TTFT already unreachable -> best effort)."""
+        self._tight_ttft = (float("inf"), 0.0)  # (tightest TTFT SLO seen, when), seconds
+        self._rows = ExpectedRows(self.config.alpha_refresh)  # per-request E rows, incremental
+        self._dl: dict[str, tuple[int, float, int, float]] = {}  # rid -> (stage, t1, decoded, deadline)
 
     def reset(self) -> None:
         self._t_running = 0.0
+        self._tight_ttft = (float("inf"), 0.0)
+        self._rows.clear()
+        self._dl.clear()
+
+    # ---- incremental per-request inputs --------------------------------------------------
+
+    def _staged_deadline(self, r) -> tuple[float, float]:
+        """(deadline of the next token, current TPOT) of a multi-stage request.
+
+        ReqState.token_deadline, or, while the stage and first-token time are unchanged and
+        every later token is priced at the current stage's TPOT (last stage, or a stage of
+        unknown length, or the next token still inside its planned length), the cached deadline
+        plus tpot per token decoded since (exact then)."""
+        stages = r.slo.stages
+        k = r.stage
+        tp = stages[k if k < len(stages) else -1].tpot_s
+        hit = self._dl.get(r.rid)
+        # every token from the cached one to the next is priced at this stage's TPOT
+        linear = k >= len(stages) - 1 or stages[k].tokens <= 0 or (
+            k < len(r.stage_starts) and r.decoded < r.stage_starts[k] + stages[k].tokens
+        )
+        if hit is not None and linear and hit[0] == k and hit[1] == r.first_token_s and hit[2] <= r.decoded:
+            return hit[3] + (r.decoded - hit[2]) * tp, tp
+        d = r.token_deadline(r.decoded + 1)
+        self._dl[r.rid] = (k, r.first_token_s, r.decoded, d)
+        return d, tp
 
     def plan(self, ctx: PlanContext) -> protos.Plan:
         cfg, st, cost, acc = self.config, ctx.state, ctx.cost, ctx.acceptance
@@ -89,149 +133,189 @@ class UnifiedPolicy(Policy):
 
         # ---- classify (one pass) ----------------------------------------------------------
         slo_dec, be_dec, slo_pre, be_pre, waiting = [], [], [], [], []
-        context = 0
+        s_rid, s_ctx, s_left, s_dl, s_tpot = [], [], [], [], []  # SLO decoders
+        b_rid, b_ctx, b_left = [], [], []  # best-effort decoders
+        reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available)
+        ratio_kv = cfg.new_token_ratio
+        staged = self._staged_deadline
         for r in st.requests.values():
             dec = r.decision
             if dec == _ADMIT or dec == _BE:
-                context += r.prefilled + r.decoded
-                if r.prefilled >= r.prompt_tokens:
-                    (slo_dec if dec == _ADMIT else be_dec).append(r)
-                else:
+                pf, pt, dd = r.prefilled, r.prompt_tokens, r.decoded
+                rest = r.max_new_tokens - dd
+                reserved += pt - pf + int((rest if rest < 4096 else 4096) * ratio_kv)
+                if pf < pt:
                     (slo_pre if dec == _ADMIT else be_pre).append(r)
+                elif dec == _ADMIT:
+                    slo_dec.append(r)
+                    s_rid.append(r.rid)
+                    s_ctx.append(pf + dd)
+                    s_left.append(rest)
+                    slo = r.slo
+                    if slo.stages:
+                        d, tp = staged(r)
+                    else:
+                        tp = slo.tpot_s
+                        t0 = r.arrival_s + slo.ttft_s
+                        ft = r.first_token_s
+                        d = (ft if ft > t0 else t0) + dd * tp
+                    s_dl.append(d)
+                    s_tpot.append(tp)
+                else:
+                    be_dec.append(r)
+                    b_rid.append(r.rid)
+                    b_ctx.append(pf + dd)
+                    b_left.append(rest)
             elif dec != Decision.REJECT:
                 waiting.append(r)
-        n_slo, n_all = len(slo_dec), len(slo_dec) + len(be_dec)
-        dm = snap_depth(cfg.max_depth, lim, st.spec_enabled)
-        t1 = cost.iteration_time(0, max(1, n_all), 0, context)
-        start = now + (self._t_running or t1)  # the planned iteration starts after the running one
+        dec_all = slo_dec + be_dec
+        n_slo, n_all = len(slo_dec), len(dec_all)
+        if len(self._dl) > 2 * n_slo + 64:  # forget finished multi-stage requests
+            live = set(s_rid)
+            for rid in [k for k in self._dl if k not in live]:
+                del self._dl[rid]
+        tight, seen = self._tight_ttft
+        pending_min = min((r.slo.ttft_s for r in (*waiting, *slo_pre) if not r.slo.best_effort), default=float("inf"))
+        if pending_min <= tight or now - seen > cfg.ttft_memory_s:  # tighter, or the old one expired
+            tight, seen = self._tight_ttft = (pending_min, now)
+        t_cap = min(cfg.max_iter_s, cfg.ttft_frac * tight) if cfg.ttft_frac > 0 else cfg.max_iter_s
+        spec_on = st.spec_enabled
+        dm = snap_depth(cfg.max_depth, lim, spec_on)
+        w = snap_width(cfg.width, lim) if dm else 1
+        self._plans += 1
 
-        # ---- per-request deadlines and expected tokens [n_slo] / [n_slo, dm+1] -------------
-        slack = np.empty(n_slo)
-        tpot = np.empty(n_slo)
-        for i, r in enumerate(slo_dec):
-            slo = r.slo
-            if slo.stages:
-                slack[i] = r.token_deadline(r.decoded + 1) - start
-                tpot[i] = r.tpot_now
-            else:
-                t0 = r.arrival_s + slo.ttft_s
-                if r.first_token_s > t0:
-                    t0 = r.first_token_s
-                slack[i] = t0 + r.decoded * slo.tpot_s - start
-                tpot[i] = slo.tpot_s
-        exp = _expected_table([acc.alphas(r.rid, dm) for r in slo_dec], dm)  # [n_slo, dm+1]
-
-        # ---- iteration length T and the trees it needs -----------------------------------
+        # ---- per-request arrays: deadlines [n_slo], context [n_all], E [n_all, dm+1] --------
+        ctx_tok = np.array(s_ctx + b_ctx, dtype=np.float64)
+        context = int(ctx_tok.sum())
         t_floor = cost.iteration_time(0, n_all, 0, context)
-        t_max = cfg.max_iter_s
-        if n_slo:
-            t_ok = slack + (cfg.safety * exp[:, dm] - 1.0) * tpot  # longest T each request tolerates
-            feasible = t_ok[t_ok >= t_floor]
-            if feasible.size:
-                t_max = min(t_max, float(feasible.min()))
-        t_max = max(t_max, t_floor)
+        start = now + (self._t_running or t_floor)  # the planned iteration starts after the running one
+        slack = np.array(s_dl, dtype=np.float64) - start
+        tpot = np.array(s_tpot, dtype=np.float64)
+        # exp[i, m-1]: expected committed tokens of an m-node chain (a wider tree does better)
+        exp = self._rows.gather(acc, s_rid + b_rid, dm, self._plans)
+        left_tok = np.array(s_left + b_left, dtype=np.float64)
+        m_max = np.clip(left_tok, 1, dm + 1).astype(np.int64)  # no drafts past the output cap
 
-        def need(t: float) -> tuple[np.ndarray, np.ndarray]:
-            a = 1.0 + (t - slack) / tpot + cfg.margin
-            np.clip(a, 1.0, exp[:, dm], out=a)
-            nodes = (exp < (a[:, None] - 1e-9)).sum(axis=1) + 1  # fewest chain nodes reaching A_i
-            return a, nodes
-
-        best = None
-        cands = [t_max] if cfg.t_candidates == 1 or t_max <= t_floor * 1.01 else list(
-            np.geomspace(max(t_floor, 1e-4), t_max, cfg.t_candidates)
-        )
-        pending = sum(r.prompt_tokens - r.prefilled for r in slo_pre) + sum(
-            r.prompt_tokens - r.prefilled for r in waiting
-        )
-        for t in cands:
-            a, nodes = need(t) if n_slo else (np.empty(0), np.empty(0, dtype=np.int64))
-            d_need = int(nodes.max()) - 1 if n_slo else 0
-            decode_tokens = int(nodes.sum()) + len(be_dec)
-            b = min(lim.max_batch_tokens, cost.max_tokens_within(t, d_need, context, decode_tokens - n_all))
-            spare = b - decode_tokens
-            if spare < 0 and best is not None:
-                continue
-            # Spare tokens per second, counting prefill only as far as there is some to do.
-            useful = min(spare, pending) if pending else spare
-            score = (useful / t, -t) if pending else (0.0, -t)
-            if best is None or score > best[0]:
-                best = (score, t, a, nodes, b, decode_tokens, d_need)
-        assert best is not None
-        _, t_plan, a, nodes, b_max, decode_tokens, d_need = best
+        # ---- tree sizes: efficiency, floored by deadlines, cut until T_lim holds ----------
+        steps_cost = cost.d_step_s * dm * cost.scale
+        per_tok = (cost.k_tok_s + cost.k_knee_s + cost.k_dtok_s) * cost.scale  # s per verify token
+        m_eff = np.ones(n_all, dtype=np.int64)
+        if dm and n_all and cfg.efficiency:
+            fixed = cost.k_ctx_s * cost.scale * ctx_tok + (cost.base_s * cost.scale + steps_cost) / n_all  # [n_all]
+            sizes = np.arange(1, dm + 2, dtype=np.float64)
+            ratio = exp / (fixed[:, None] + per_tok * sizes[None, :])
+            m_eff = ratio.argmax(axis=1) + 1
+        m_eff = np.minimum(m_eff, m_max)
+        t_guess = max(self._t_running, t_floor)
+        a = self._need(slack, tpot, t_guess, exp[:n_slo], dm) if n_slo else np.empty(0)
+        m_min = np.ones(n_all, dtype=np.int64)
+        if n_slo and dm:
+            m_min[:n_slo] = np.minimum((exp[:n_slo] < (a[:, None] - 1e-9)).sum(axis=1) + 1, m_max[:n_slo])
+        nodes, t_lim, t_dec = m_min, max(t_cap, t_floor), t_floor
+        for level in range(int(m_eff.max(initial=1)), 0, -1):
+            nodes = np.maximum(m_min, np.minimum(m_eff, level))
+            total = int(nodes.sum())
+            steps = int(nodes.max(initial=1)) - 1
+            t_dec = cost.iteration_time(0, total, steps, context, total - n_all)
+            t_lim = self._t_limit(slack, tpot, exp, nodes, t_floor, t_cap, cfg.safety)
+            if t_dec <= t_lim:
+                break
+        decode_tokens = int(nodes.sum())
+        steps = int(nodes.max(initial=1)) - 1
+        b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
+        b_max = max(b_max, decode_tokens)
+        # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
+        t_stretch = max(t_lim, self._t_limit(slack, tpot, exp, m_min, t_floor, cfg.max_iter_s, cfg.safety))
+        b_stretch = min(lim.max_batch_tokens, cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all))
+        b_stretch = max(b_stretch, b_max)
 
         # ---- admission against TTFT deadlines (EDF + Moore-Hodgson) -----------------------
         decisions: list[protos.AdmissionDecision] = []
-        kv_left = st.kv_available(cfg.new_token_ratio)
-        capacity = b_max / t_plan  # tokens / second
-        base_load = decode_tokens / t_plan
-        g = cfg.decode_efficiency
+        kv_left = st.kv_free_tokens - reserved
+        capacity = b_stretch / t_stretch  # tokens / second at the longest allowed iteration
+        base_load = int(m_min.sum()) / t_stretch  # efficiency extras give way to prefill (below)
         admitted_now, late = [], []
         if waiting:
-            jobs = [Job(r.ttft_deadline_s, r.prompt_tokens - r.prefilled, 0.0, True) for r in slo_pre]
+            lead = cfg.ttft_lead_iters * t_lim
+            jobs = [Job(r.ttft_deadline_s - lead, r.prompt_tokens - r.prefilled, 0.0, True) for r in slo_pre]
             fresh = []
             for r in waiting:
-                if r.ttft_deadline_s <= start + t_plan or r.slo.best_effort:
+                if r.slo.best_effort or r.ttft_deadline_s <= start + t_floor:
                     late.append(r)
+                    self.counters["late"] += 1
                 else:
                     fresh.append(r)
-                    load = 1.0 / (r.tpot_now * g)
-                    jobs.append(Job(r.ttft_deadline_s, r.prompt_tokens - r.prefilled, max(load, 1.0 / t_plan)))
+                    load = 1.0 / (r.tpot_now * cfg.decode_efficiency)
+                    jobs.append(Job(r.ttft_deadline_s - lead, r.prompt_tokens - r.prefilled, max(load, 1.0 / t_lim)))
             ok = admit_edf(jobs, start, capacity, base_load, cfg.admit_slack_s)
             for r, yes in zip(fresh, ok[len(slo_pre):]):
-                if yes:
-                    need_kv = kv_need(r, cfg.new_token_ratio)
-                    if need_kv <= kv_left:
-                        kv_left -= need_kv
-                        admitted_now.append(r)
-                        decisions.append(protos.AdmissionDecision(r.rid, _ADMIT))
+                if not yes:
+                    self.counters["declined"] += 1
+                    continue
+                need_kv = kv_need(r, cfg.new_token_ratio)
+                if need_kv <= kv_left:
+                    kv_left -= need_kv
+                    admitted_now.append(r)
+                    decisions.append(protos.AdmissionDecision(r.rid, _ADMIT))
+                    self.counters["admitted"] += 1
+                else:
+                    self.counters["kv_blocked"] += 1
 
-        # ---- prefill: SLO requests by EDF in the spare tokens ------------------------------
-        spare = b_max - decode_tokens
+        # ---- prefill: SLO requests by EDF; efficiency extras give way to what TTFT needs ----
         edf = sorted(slo_pre + admitted_now, key=lambda r: r.ttft_deadline_s)
-        packing = pack(edf, max(0, spare), kv_left, cfg.new_token_ratio, preadmitted={r.rid for r in admitted_now})
-        used = packing.used + decode_tokens
+        lead = cfg.ttft_lead_iters * t_lim
+        cum, rate_req = 0, 0.0  # tokens / second the EDF deadlines need
+        for r in edf:
+            cum += r.prompt_tokens - r.prefilled
+            window = r.ttft_deadline_s - lead - start
+            need_rate = cum / (window if window > t_lim else t_lim)
+            if need_rate > rate_req:
+                rate_req = need_rate
+        p_req = min(cum, int(rate_req * t_lim) + 1)
+        if decode_tokens + p_req > b_max and n_all:
+            level = int(nodes.max(initial=1))
+            while level > 1 and decode_tokens + p_req > b_max:
+                level -= 1
+                nodes = np.maximum(m_min, np.minimum(nodes, level))
+                decode_tokens = int(nodes.sum())
+            steps = int(nodes.max(initial=1)) - 1
+            if decode_tokens + p_req > b_max:
+                b_max = min(b_stretch, decode_tokens + p_req)
+        room = b_max - decode_tokens
+        packing = pack(edf, room, kv_left, cfg.new_token_ratio, preadmitted={r.rid for r in admitted_now})
 
         # ---- best-effort tier: preempt under KV pressure, else leftovers ------------------
+        gone: set[str] = set()
         if kv_left < 0 and (be_dec or be_pre):
             for r in sorted(be_dec + be_pre, key=lambda r: -r.seq):
                 if kv_left >= 0:
                     break
                 decisions.append(protos.AdmissionDecision(r.rid, Decision.PREEMPT))
                 kv_left += r.kv_tokens + kv_need(r, cfg.new_token_ratio)
-                if r in be_dec:
-                    be_dec.remove(r)
-                    used -= 1
+                gone.add(r.rid)
         if cfg.best_effort:
-            late_queue = be_pre + sorted(late, key=lambda r: r.seq)
+            late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=lambda r: r.seq)
             packing.kv_left = kv_left
-            pack(late_queue, packing.used + max(0, b_max - used), kv_left, cfg.new_token_ratio, _BE, out=packing)
+            pack(late_queue, room, kv_left, cfg.new_token_ratio, _BE, out=packing)
         else:
-            decisions.extend(
-                protos.AdmissionDecision(r.rid, Decision.REJECT) for r in late if not r.slo.best_effort
-            )
-        used = packing.used + decode_tokens
+            decisions.extend(protos.AdmissionDecision(r.rid, Decision.REJECT) for r in late if not r.slo.best_effort)
 
-        # ---- free speculation below the knee, tree entries -------------------------------
-        knee = knee_budget(cost, lim, cfg.knee_factor)
-        fill = max(0, min(knee, b_max) - used)
-        per_req = fill / n_all if n_all else 0.0
-        d_fill = snap_depth(min(dm, int(per_req)), lim, st.spec_enabled) if per_req >= 1 else 0
-        w = snap_width(min(cfg.max_width, max(1, int(per_req // max(1, dm)))), lim) if d_fill else 1
-        decode: list[protos.DecodeEntry] = []
-        extra = int(per_req)  # fill share per request (tree caps are reserved by the engine)
-        for i, r in enumerate(slo_dec):
-            m = int(nodes[i])
-            depth = snap_depth(max(m - 1, d_fill), lim, st.spec_enabled)
-            cap = min(m + extra, 1 + depth * w) if depth else 1
-            decode.append(protos.DecodeEntry(r.rid, float(a[i]), max(1, cap), depth, w if depth else 1))
-        for r in be_dec:
-            cap = min(1 + extra, 1 + d_fill * w) if d_fill else 1
-            decode.append(protos.DecodeEntry(r.rid, 1.0, cap, d_fill, w if d_fill else 1))
-        budget = covering_budget(max(used + fill, packing.used + len(decode)), decode, packing.chunks)
-
-        steps = max(d_need, d_fill)
-        self._t_running = cost.iteration_time(packing.used, budget - packing.used, steps, context, n_all * steps)
+        # ---- entries ---------------------------------------------------------------------
+        t_plan = cost.iteration_time(packing.used, decode_tokens, steps, context, decode_tokens - n_all)
+        a_final = self._need(slack, tpot, t_plan, exp[:n_slo], dm) if n_slo else a
+        targets = a_final.tolist() + [1.0] * (n_all - n_slo)
+        entry = protos.DecodeEntry
+        if lim.depth_tiers:
+            depths = [snap_depth(m - 1, lim, spec_on) for m in nodes.tolist()]
+        else:
+            depths = (nodes - 1).tolist()
+        decode = [
+            entry(r.rid, a_i if a_i > 1.0 else 1.0, m, d, w) if d else entry(r.rid, a_i if a_i > 1.0 else 1.0, 1, 0, 1)
+            for r, a_i, m, d in zip(dec_all, targets, nodes.tolist(), depths)
+            if r.rid not in gone
+        ]
+        budget = covering_budget(packing.used + decode_tokens, decode, packing.chunks)
+        self._t_running = t_plan
         decisions.extend(packing.decisions)
         return protos.Plan(
             step=ctx.step,
@@ -240,19 +324,25 @@ class UnifiedPolicy(Policy):
             prefill=packing.chunks,
             decode=decode,
             decisions=decisions,
-            spec_depth=steps if lim.depth_tiers else -1,
+            spec_depth=max((e.depth for e in decode), default=0) if lim.depth_tiers else -1,
         )
 
+    def _need(self, slack: np.ndarray, tpot: np.ndarray, t: float, exp: np.ndarray, dm: int) -> np.ndarray:
+        """A_i: expected tokens request i must commit in an iteration ending t after start."""
+        a = 1.0 + (t - slack) / tpot + self.config.margin
+        np.clip(a, 1.0, exp[:, dm], out=a)
+        return a
 
-def _expected_table(alphas: list[list[float]], dm: int) -> np.ndarray:
-    """[n, dm+1]: expected committed tokens (root included) of a depth-d chain, d = 0..dm."""
-    n = len(alphas)
-    out = np.ones((n, dm + 1))
-    if n and dm:
-        al = np.array(alphas, dtype=np.float64).reshape(n, dm)
-        np.cumsum(np.cumprod(al, axis=1), axis=1, out=out[:, 1:])
-        out[:, 1:] += 1.0
-    return out
+    @staticmethod
+    def _t_limit(slack, tpot, exp, nodes, t_floor, t_cap, safety) -> float:
+        """Longest iteration (<= t_cap) keeping every SLO decoder on its deadlines with its tree."""
+        n_slo = len(slack)
+        if not n_slo:
+            return max(t_floor, t_cap)
+        e = exp[np.arange(n_slo), nodes[:n_slo] - 1]
+        t_ok = slack + (safety * e - 1.0) * tpot
+        t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
+        return max(t_floor, min(t_cap, float(t_ok.min()))) if t_ok.size else t_floor
 
 
 def make(**overrides) -> UnifiedPolicy:
