@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pydantic
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from protos.messages import FinishReason
@@ -60,20 +60,19 @@ class ServerContext:
 
 
 def build_app(ctx: ServerContext) -> FastAPI:
-    app = FastAPI(title="sglang-slo", docs_url=None, redoc_url=None)
+    async def authorize(request: Request) -> None:
+        # a dependency, not an HTTP middleware: BaseHTTPMiddleware hides client disconnects
+        if ctx.api_key and request.url.path not in ("/health", "/metrics"):
+            if request.headers.get("authorization", "") != f"Bearer {ctx.api_key}":
+                raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)")
+
+    app = FastAPI(title="sglang-slo", docs_url=None, redoc_url=None, dependencies=[Depends(authorize)])
     app.state.ctx = ctx
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
         ctx.metrics.rejected.labels(str(e.status)).inc()
         return e.response()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if ctx.api_key and request.url.path not in ("/health", "/metrics"):
-            if request.headers.get("authorization", "") != f"Bearer {ctx.api_key}":
-                return ApiError(401, "missing or wrong API key (Authorization: Bearer ...)").response()
-        return await call_next(request)
 
     @app.get("/health")
     async def health():

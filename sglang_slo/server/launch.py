@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as e:
         print(f"sglang-slo serve: {e}", file=sys.stderr)
         return 2
+    # uvicorn handles SIGINT/SIGTERM while serving, then restores the previous handlers and
+    # re-raises the signal; with these no-op handlers that re-raise no longer kills us before
+    # the engine thread and the sidecar are stopped in order.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         return asyncio.run(rt.serve())
     finally:

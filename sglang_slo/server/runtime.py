@@ -107,7 +107,7 @@ class ServerRuntime:
         app = build_app(self.ctx)
         self.bridge.start(asyncio.get_running_loop())
         config = uvicorn.Config(app, host=self.args.host, port=self.args.port, log_level="warning",
-                                timeout_graceful_shutdown=5, access_log=False)
+                                timeout_graceful_shutdown=3, access_log=False)
         server = uvicorn.Server(config)
         print(f"sglang-slo: serving {self.ctx.model_name} on http://{self.args.host}:{self.args.port} "
               f"(policy {self.args.policy if self.link else 'fallback only'})", flush=True)
