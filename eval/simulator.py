@@ -54,12 +54,16 @@ class SimConfig:
     """When nothing can run (all deferred), ask the planner again after this long, seconds."""
     check_kv: bool = False
     """Check the KV block invariant every iteration (tests)."""
+    time_noise_sigma: float = 0.0
+    """Sd of a log-normal factor on every iteration's time (0 = the cost model exactly)."""
 
     def __post_init__(self):
         if self.slo_order not in SLO_ORDERS:
             raise ValueError(f"slo_order must be one of {SLO_ORDERS}")
         if self.max_running < 1 or self.fallback_budget < 1 or self.idle_tick_s <= 0 or self.drain_s < 0:
             raise ValueError("max_running, fallback_budget >= 1; idle_tick_s > 0; drain_s >= 0")
+        if self.time_noise_sigma < 0 or self.calibration_sigma < 0:
+            raise ValueError("time_noise_sigma and calibration_sigma must be >= 0")
 
 
 @dataclass
@@ -101,6 +105,7 @@ class Simulator:
                 self.link = InProcessLink(policy, hardware, **(policy_overrides or {}))
                 self.link.send(self.hello)
         self._build_requests()
+        self.warm_prefixes: set[str] = set()  # app-wide prefixes some request has prefilled
         self.now = 0.0
         self.step = 0
         self.plan: protos.Plan | None = None
@@ -132,14 +137,28 @@ class Simulator:
             t, _, rid = heapq.heappop(self.pending)
             r = self.reqs[rid]
             r.arrival_s = r.record.arrival_s = t
-            if self.config.prefix_cache and r.gen.session_id and r.gen.prefix_tokens:
-                r.cached_prefix = r.computed = self.kv.claim(r.gen.session_id, rid, min(r.gen.prefix_tokens, r.gen.prompt_tokens - 1))
+            if self.config.prefix_cache and r.gen.prefix_tokens:
+                r.cached_prefix = r.computed = self._cached_prefix(r)
                 if r.cached_prefix:
                     self.stats["prefix_hits"] += 1
                     self.stats["prefix_tokens_reused"] += r.cached_prefix
             self.sched.add(r)
             if self.link:
                 self.link.send(r.arrived_message())
+
+    def _cached_prefix(self, r: SimRequest) -> int:
+        """Prompt tokens found in the prefix cache; their KV now belongs to `r`.
+
+        A session's previous context is moved to its next call (exclusive). An app-wide
+        shared prefix (system prompt + tool schemas), once some request prefilled it, is
+        reused without compute, but every user is charged its own blocks (the simulator
+        has no shared blocks: conservative on memory)."""
+        want = min(r.gen.prefix_tokens, r.gen.prompt_tokens - 1)  # >= 1 token left to prefill
+        if r.gen.shared_prefix:
+            if r.gen.shared_prefix in self.warm_prefixes and self.kv.grow(r.rid, want):
+                return want
+            return 0
+        return self.kv.claim(r.gen.session_id, r.rid, want) if r.gen.session_id else 0
 
     def _finish(self, r: SimRequest, outcome: Outcome, reason: protos.FinishReason, msgs: list) -> None:
         """Free KV (or park it for the session's next call), record, release or cancel successors."""
@@ -265,6 +284,8 @@ class Simulator:
         draft_tokens = sum(1 + (w.depth - 1) * w.width for w in batch.decodes if w.depth)
         context = sum(w.req.computed + 1 for w in batch.decodes) + sum(r.computed + n for r, n in batch.prefills)
         dt = self.truth.iteration_time(batch.prefill_tokens, verify_tokens, draft_steps, context, draft_tokens)
+        if cfg.time_noise_sigma:
+            dt *= self.rng.lognormvariate(0.0, cfg.time_noise_sigma)
         self.now += dt
         self._last_verify, self._last_draft_steps, self._last_context = verify_tokens, draft_steps, context
         st = self.stats
@@ -276,6 +297,8 @@ class Simulator:
         # --- prefill chunks ---
         for r, n in batch.prefills:
             r.computed += n
+            if r.gen.shared_prefix and r.computed >= r.gen.prefix_tokens:
+                self.warm_prefixes.add(r.gen.shared_prefix)
             if not r.is_prefilling and r.decoded == 0:  # the prefill's last forward samples token 1
                 self._emit(r, 1)
             progress.append(self._progress(r, n, 0, 0, 0, 0.0))

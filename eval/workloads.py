@@ -184,7 +184,10 @@ class GenRequest(msgspec.Struct, kw_only=True):
     delay_s: float = 0.0
     """Tool delay after `after_rid` finished, seconds."""
     prefix_tokens: int = 0
-    """Leading prompt tokens that are the previous call's full context (prefix-cache candidate)."""
+    """Leading prompt tokens that are cacheable: the previous call's full context (later calls)
+    or the app's shared system/tool prefix (first calls, see `shared_prefix`)."""
+    shared_prefix: str = ""
+    """Key of an app-wide prefix that `prefix_tokens` refers to ('' = the session's own context)."""
     stage_tokens: list[int] = []
     """True output tokens per SLO stage (reasoning: [think, answer]); [] = one stage."""
 
@@ -283,7 +286,7 @@ def generate(spec: WorkloadSpec, *, rate: float | None = None, duration_s: float
     for n, (t, k) in enumerate(zip(times, picks)):
         c = spec.classes[k]
         if isinstance(c, ToolCallingSpec):
-            out.extend(_tool_session(ctx, c, n, float(t), system_prompts[k]))
+            out.extend(_tool_session(ctx, c, n, float(t), system_prompts[k], f"{spec.name}/class{k}"))
         elif isinstance(c, ReasoningSpec):
             out.append(_reasoning(ctx, c, n, float(t)))
         else:
@@ -294,7 +297,7 @@ def generate(spec: WorkloadSpec, *, rate: float | None = None, duration_s: float
     return Workload(name=spec.name, rate=rate, duration_s=duration_s, seed=seed, requests=out)
 
 
-def _tool_session(ctx: _Ctx, c: ToolCallingSpec, n: int, t: float, system: int) -> list[GenRequest]:
+def _tool_session(ctx: _Ctx, c: ToolCallingSpec, n: int, t: float, system: int, app: str) -> list[GenRequest]:
     calls = min(int(ctx.rng.geometric(c.continue_p)), c.max_calls)  # 1 + failures before success
     session = f"s{n:05d}"
     prompt = system + ctx.tokens(c.user_prompt)
@@ -312,7 +315,8 @@ def _tool_session(ctx: _Ctx, c: ToolCallingSpec, n: int, t: float, system: int) 
             slo=ctx.slo(c, c.final_slo_class if final else c.slo_class), alphas=ctx.alphas(c),
             session_id=session, after_rid=prev.rid if prev else "",
             delay_s=c.tool_delay_s.sample(ctx.rng) if prev else 0.0,
-            prefix_tokens=(prev.prompt_tokens + prev.output_tokens) if prev else min(system, prompt)))
+            prefix_tokens=(prev.prompt_tokens + prev.output_tokens) if prev else min(system, prompt),
+            shared_prefix="" if prev else app))
         if final:
             break
         prompt = prompt + output + ctx.tokens(c.tool_result)

@@ -67,14 +67,20 @@ def test_all_requests_finish_and_emit_their_tokens():
 
 def test_closed_loop_calls_arrive_after_predecessor_plus_tool_delay():
     w = small_mixed(rate=8.0, duration=8.0)
-    res = simulate(w, H100, "fcfs", seed=0)
+    sim = Simulator(w, H100, "fcfs", seed=0)
+    res = sim.run()
     recs = {r.rid: r for r in res.records}
     deps = [g for g in w.requests if g.after_rid]
     assert len(deps) > 5
     for g in deps:
         parent = recs[g.after_rid]
         assert recs[g.rid].arrival_s == pytest.approx(parent.token_times[-1] + g.delay_s)
-    assert res.stats["prefix_hits"] > 0  # the session's KV was reused
+    # later calls reuse the session's KV; later sessions reuse the app's shared system prefix
+    # (the last output token of the previous call never got KV: it was the root)
+    assert sum(sim.reqs[g.rid].cached_prefix == g.prefix_tokens - 1 for g in deps) > 0.8 * len(deps)
+    firsts = sorted((g for g in w.requests if g.shared_prefix), key=lambda g: g.arrival_s)
+    assert len(firsts) > 3 and sim.reqs[firsts[0].rid].cached_prefix == 0
+    assert all(sim.reqs[g.rid].cached_prefix == g.prefix_tokens for g in firsts[-2:])
 
 
 def test_rejected_call_cancels_the_rest_of_its_loop():
@@ -115,6 +121,13 @@ def test_kv_never_over_capacity_and_every_block_freed(tmp_path, policy):
     assert sim.kv.free_blocks == sim.kv.total_blocks  # all freed at the end (run() also checks)
     done = [r for r in res.records if r.outcome is Outcome.FINISHED]
     assert len(done) >= 0.9 * len(res.records)
+
+
+def test_iteration_time_noise_is_seeded():
+    w = small_mixed(duration=3.0)
+    cfg = SimConfig(time_noise_sigma=0.2)
+    a, b = simulate(w, H100, "fcfs", seed=5, config=cfg), simulate(w, H100, "fcfs", seed=5, config=cfg)
+    assert trace(a) == trace(b) and trace(a) != trace(simulate(w, H100, "fcfs", seed=5))
 
 
 def test_fallback_only_engine_serves_everything():
