@@ -51,7 +51,9 @@ class SimConfig:
     drain_s: float = 300.0
     """Simulate at most this long after the arrival window ends; the rest is unfinished."""
     idle_tick_s: float = 0.005
-    """When nothing can run (all deferred), ask the planner again after this long, seconds."""
+    """When nothing can run (all deferred), ask the planner again after this long, seconds;
+    doubled on every further idle tick in a row, up to `max_idle_tick_s`."""
+    max_idle_tick_s: float = 0.1
     check_kv: bool = False
     """Check the KV block invariant every iteration (tests)."""
     time_noise_sigma: float = 0.0
@@ -194,6 +196,7 @@ class Simulator:
         wall = time.perf_counter()
         idle = True  # no forward ran last time round: ask for a fresh plan first
         held: protos.Plan | None = None  # answer to the last report, applied after the next step
+        tick = self.config.idle_tick_s
         try:
             while True:
                 self._release_arrivals()
@@ -219,11 +222,12 @@ class Simulator:
                 if batch.is_empty:
                     self._send(msgs)
                     nxt = self.pending[0][0] if self.pending else float("inf")
-                    self.now = min(nxt, self.now + self.config.idle_tick_s)
+                    self.now = min(nxt, self.now + tick)
+                    tick = min(2 * tick, self.config.max_idle_tick_s)
                     self.stats["idle_ticks"] += 1
                     idle = True
                     continue
-                idle = False
+                idle, tick = False, self.config.idle_tick_s
                 start = self.now
                 progress = self._run_batch(batch, msgs)
                 self._send(msgs)
