@@ -150,6 +150,11 @@ class EngineBridge:
         self.metrics.running.set(len(self._streams))
         return stream
 
+    def call_on_engine_thread(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine thread before its next step (any thread may call this)."""
+        self._inbox.append(("call", fn))
+        self._wake.set()
+
     def abort(self, rid: str, stopped: bool = False) -> None:
         """Abort a request (client gone, or `stopped=True`: a stop string ended it)."""
         self._inbox.append(("abort", rid, stopped))
@@ -187,6 +192,8 @@ class EngineBridge:
                 err = self.driver.add(job.rid, job.prompt_ids, job.params, job.intake, stream.record.arrival_s)
                 if err:
                     self._finish(stream, FinishReason.ERROR, err)
+            elif cmd[0] == "call":
+                cmd[1]()
             else:
                 _, rid, stopped = cmd
                 stream = self._streams.get(rid)

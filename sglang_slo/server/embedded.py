@@ -6,15 +6,15 @@ its output into a `StepResult`. Without a link (or while the sidecar is down) th
 own fallback policy runs; the engine never waits for the planner.
 
 The engine does not track SLO stages; the bridge detects stage markers and this driver
-stamps the stage into the `RequestProgress` / `RequestSnapshot` it sends, so the planner
-sees reasoning requests switch from think to answer.
+stamps the stage into the `RequestProgress` it sends, so the planner sees reasoning requests
+switch from think to answer (a Resync after a planner restart carries stage 0: the engine's
+snapshot has no stage yet).
 """
 
 from __future__ import annotations
 
 import logging
 
-from protos import messages as protos
 from sglang_slo.engine.engine import Engine
 from sglang_slo.engine.request import InvalidRequestError
 from sglang_slo.server.driver import StepResult
@@ -32,6 +32,7 @@ class EmbeddedDriver:
         self.metrics = metrics
         self.link = link
         """`sglang_slo.engine.planner_link.PlannerLink` or None (fallback policy only)."""
+        self._plan_seen = None
         self.stages: dict[str, int] = {}
         metrics.kv_capacity.set(engine.tables.target.capacity_tokens)
         metrics.kv_free.set(engine.tables.free_tokens)
@@ -93,16 +94,11 @@ class EmbeddedDriver:
 
     # ---- planner link --------------------------------------------------------------------
 
-    def resync(self) -> protos.Resync:
-        """The engine's in-flight state with the stages this driver tracked."""
-        msg = self.engine.resync()
-        for snap in msg.requests:
-            snap.stage = self.stages.get(snap.arrived.rid, 0)
-        return msg
-
     def _take_plans(self) -> None:
-        if self.link is None:
+        """Let the link apply queued plans to the engine (and handshake when needed)."""
+        if self.link is None or not self.link.poll():
             return
-        for plan in self.link.poll():
+        plan = getattr(self.engine, "_plan", None)  # the newest plan the engine holds
+        if plan is not None and plan is not self._plan_seen:
+            self._plan_seen = plan
             self.metrics.plan_latency.observe(plan.plan_latency_s)
-            self.engine.apply_plan(plan)

@@ -18,6 +18,7 @@ import uvicorn
 from protos.channel import ipc_endpoint
 from sglang_slo.engine.engine import Engine, EngineConfig
 from sglang_slo.engine.loader import load_model
+from sglang_slo.engine.planner_link import PlannerLink
 from sglang_slo.engine.request import SamplingParams
 from sglang_slo.engine.scheduler import SchedulerConfig
 from sglang_slo.engine.tokenizer import Tokenizer
@@ -25,7 +26,6 @@ from sglang_slo.server.app import ServerContext, build_app
 from sglang_slo.server.bridge import EngineBridge
 from sglang_slo.server.embedded import EmbeddedDriver
 from sglang_slo.server.metrics import ServerMetrics
-from sglang_slo.server.planner_client import SidecarLink
 from sglang_slo.server.sidecar_proc import SidecarSupervisor
 from sglang_slo.slo import SloCatalog
 
@@ -38,7 +38,7 @@ class ServerRuntime:
     ctx: ServerContext
     bridge: EngineBridge
     supervisor: SidecarSupervisor | None
-    link: SidecarLink | None
+    link: PlannerLink | None
     _down: bool = False
 
     @classmethod
@@ -59,28 +59,28 @@ class ServerRuntime:
                                   default=args.default_slo_class)
         metrics = ServerMetrics()
         driver = EmbeddedDriver(engine, metrics)
+        bridge = EngineBridge(driver, metrics, max_in_flight=args.max_in_flight)
         supervisor = link = None
         if not args.no_sidecar:
             endpoint = ipc_endpoint("planner")
-            link = SidecarLink(endpoint, engine.hello, driver.resync)
+            # the supervisor tells us about restarts; no silence heuristic (an idle engine gets no plans)
+            link = PlannerLink(engine, endpoint, silent_after_s=float("inf"))
 
-            def restarted(n: int) -> None:
+            def restarted(n: int) -> None:  # monitor thread
                 metrics.sidecar_restarts.inc()
-                link.restart()
+                bridge.call_on_engine_thread(link.restart)
 
             extra = [a for kv in args.sidecar_set for a in ("--set", kv)]
             supervisor = SidecarSupervisor(endpoint, args.policy, args.hardware or default_hardware(), extra,
                                            on_restart=restarted, log_path=args.sidecar_log)
             supervisor.start()
-            try:
-                w = link.handshake(args.handshake_timeout_s)
-            except (TimeoutError, RuntimeError):
+            if not link.wait_welcome(args.handshake_timeout_s):
                 supervisor.stop()
                 link.close()
-                raise
-            log.info("planner sidecar (pid %s) welcomed the engine: policy %s", supervisor.pid, w.policy)
+                why = link.refused or f"no PlannerWelcome within {args.handshake_timeout_s:.0f}s"
+                raise RuntimeError(f"planner sidecar handshake failed: {why}")
+            log.info("planner sidecar (pid %s) welcomed the engine: policy %s", supervisor.pid, link.policy)
             driver.link = link
-        bridge = EngineBridge(driver, metrics, max_in_flight=args.max_in_flight)
 
         def debug_state() -> dict:
             return {
@@ -91,7 +91,7 @@ class ServerRuntime:
                 "sidecar_restarts": supervisor.restarts if supervisor else 0,
                 "planner_welcomed": bool(link and link.welcomed),
                 "planner_handshakes": link.handshakes if link else 0,
-                "plans_received": link.plans if link else 0,
+                "plans_received": link.plans_received if link else 0,
                 "policy": args.policy if link else "fallback",
             }
 
