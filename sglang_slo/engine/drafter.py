@@ -63,6 +63,24 @@ class Drafter:
         trees = build_trees(draft_step, roots, depths, widths)
         return trees, stats[0], stats[1], stats[2]
 
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[Request, int]]) -> float:
+        """Feed prefill chunks (request, tokens from num_draft_computed) to the draft cache,
+        alongside the target's prefill, so speculation never starts with a long catch-up.
+        No LM head. Returns model seconds."""
+        seqs, ids = [], []
+        for r, n in chunks:
+            start = r.num_draft_computed
+            seqs.append(SequenceInput(self.tables.table(r.rid, draft=True), start, n))
+            ids += r.all_ids[start: start + n]
+        batch = AttentionBatch.build(seqs, self.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        t = time.perf_counter()
+        self.model.forward(input_ids, batch.positions, batch, self.kv)
+        for r, n in chunks:
+            r.num_draft_computed += n
+        return time.perf_counter() - t
+
     # ---- forwards ----------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -92,6 +92,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> RunOutput:
         out = RunOutput()
         t0 = time.perf_counter()
+        if self.drafter is not None and batch.prefills:
+            # The draft prefills the same chunks (its cache stays in step with the target's).
+            chunks = [(p.req, p.num_tokens) for p in batch.prefills if p.req.num_draft_computed == p.req.num_computed]
+            if chunks:
+                out.model_s += self.drafter.prefill(chunks)
         verifies = self._draft_and_select(batch, out)
         out.draft_s = time.perf_counter() - t0
 

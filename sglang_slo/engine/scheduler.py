@@ -250,7 +250,8 @@ class Scheduler:
             if req.status is RequestStatus.WAITING and len(self.running) >= self.config.max_running:
                 continue
             n = min(tokens, req.num_prefill_remaining, left)
-            if n < 1 or not self.kv.grow(req.rid, req.num_computed + n):
+            # The draft cache (if any) prefills the same chunk.
+            if n < 1 or not self.kv.grow(req.rid, req.num_computed + n, req.num_computed + n):
                 continue  # no KV now: the request waits (preemption is for decodes)
             if req.status is RequestStatus.WAITING:
                 self.waiting.remove(req)

@@ -1,0 +1,202 @@
+"""`sglang-slo profile`: measure the embedded engine's iteration times, fit the planner's cost
+model, and write a hardware profile YAML (schema: configs/hardware/README.md).
+
+    OMP_NUM_THREADS=1 sglang-slo profile --model DIR/target --draft DIR/draft \\
+        --out configs/hardware/cpu-tiny.yaml
+
+Every sample is a real `Engine.step()`: short episodes with a fixed plan (concurrency,
+prompt length, prefill chunk, draft depth/width) sweep (prefill tokens, verify tokens, draft
+steps, context tokens); each IterationReport gives one row (prefill, verify, draft_steps,
+context, draft_tokens, seconds = end_s - start_s), exactly what the planner's online refit
+sees. Per-position greedy acceptance of chains is measured on the way and written as the
+profile's acceptance prior. A held-out set of randomly mixed episodes (other seeds, mixed
+shapes) reports the fitted model's prediction error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from protos import messages as protos
+from sglang_slo.engine.bench import bench_prompts
+from sglang_slo.engine.engine import Engine, EngineConfig
+from sglang_slo.engine.loader import load_model
+from sglang_slo.engine.request import SamplingParams
+from sglang_slo.engine.scheduler import SchedulerConfig
+from sidecar.cost_model import CostModel, EngineLimits
+
+_SLO = protos.Slo(ttft_s=10.0, tpot_s=1.0)
+MAX_DEPTH, MAX_WIDTH = 8, 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="target model directory (HF format)")
+    parser.add_argument("--draft", default=None, help="draft model directory (enables speculation samples)")
+    parser.add_argument("--out", required=True, help="profile YAML to write")
+    parser.add_argument("--name", default=None, help="profile name (default: the file stem)")
+    parser.add_argument("--kv-capacity-tokens", type=int, default=65536, help="KV slots of the profiled engine")
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="largest forward the engine runs")
+    parser.add_argument("--new-tokens", type=int, default=12, help="output tokens per request in an episode")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dump-rows", default=None, help="also write the raw (train, held-out) rows as JSON here")
+
+
+def _engine(target, draft, args, spec: bool) -> Engine:
+    sched = SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_running=256,
+                            max_depth=MAX_DEPTH if spec else 0, max_width=MAX_WIDTH,
+                            fallback_budget=args.max_batch_tokens)
+    return Engine(target, draft if spec else None,
+                  EngineConfig(kv_capacity_tokens=args.kv_capacity_tokens, block_size=16, scheduler=sched))
+
+
+def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: int, depth: int, width: int,
+            cap: int, budget: int, rng: random.Random | None = None) -> tuple[list[tuple], list[int]]:
+    """Run prompts to completion under a plan fixing the shapes; rows and accepted counts.
+
+    Rows: (prefill, verify, draft_steps, context, draft_tokens, cpu_s, wall_s): cpu_s is the
+    step's CPU time on this thread (OMP=1: all compute; the cost of the work itself, immune to
+    other processes on a shared machine), wall_s its end_s - start_s.
+
+    With `rng`, every step draws its own chunk/depth/width/budget (held-out mixes).
+    """
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{time.monotonic_ns()}-{i}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), _SLO)
+    rows, accepted = [], []
+    while engine.has_work:
+        if rng is not None:
+            chunk, depth = rng.choice([8, 32, 128, 512]), rng.randint(0, 6)
+            width = rng.randint(1, 3)
+            cap, budget = rng.randint(1, 1 + depth * width), rng.choice([64, 256, 1024, 2048])
+        live = list(engine.requests.values())
+        engine.apply_plan(protos.Plan(
+            step=engine.step_index, valid_until_s=float("inf"), token_budget=budget,
+            prefill=[protos.PrefillChunk(r.rid, chunk) for r in live if r.is_prefilling or not r.output_ids],
+            decode=[protos.DecodeEntry(r.rid, min_tokens=1.0, tree_cap=cap, depth=depth, width=width) for r in live]))
+        cpu0 = time.thread_time()
+        out = engine.step()
+        cpu = time.thread_time() - cpu0  # seconds of CPU on this thread (OMP=1: all compute)
+        r = out.report
+        dtok = sum(p.verified for p in r.progress) if r.draft_steps else 0
+        if r.prefill_tokens + r.verify_tokens:
+            rows.append((r.prefill_tokens, r.verify_tokens, r.draft_steps, r.context_tokens, dtok,
+                         cpu, r.end_s - r.start_s))
+        accepted += [p.accepted for p in r.progress if p.verified]
+    return rows, accepted
+
+
+def grid(quick: bool, spec: bool):
+    """(concurrency, prompt_len, chunk, depth, width) points of the training sweep."""
+    conc = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32]
+    plens = [16, 96] if quick else [16, 64, 160]
+    chunks = [32, 512] if quick else [16, 64, 256, 1024]
+    shapes = [(0, 1)] + ([(2, 1), (4, 1), (3, 2)] if quick else [(1, 1), (2, 1), (4, 1), (6, 1), (2, 2), (4, 2), (3, 3)]) * spec
+    return list(itertools.product(conc, plens, chunks, shapes))
+
+
+def conditional_acceptance(accepted: list[int], depth: int) -> list[float]:
+    """alpha_j = P(accept >= j | accept >= j-1) from chain verifies of `depth` drafts."""
+    a = np.asarray(accepted)
+    out = []
+    for j in range(1, depth + 1):
+        reached = (a >= j - 1).sum()
+        out.append(float((a >= j).sum() / reached) if reached else 0.0)
+    return [round(min(x, 0.99), 3) for x in out]
+
+
+def seconds(rows: list[tuple], wall: bool = False) -> list[tuple]:
+    """6-column rows for CostModel.fit with CPU (default) or wall seconds."""
+    return [r[:5] + (r[6] if wall else r[5],) for r in rows]
+
+
+def prediction_error(model: CostModel, rows: list[tuple]) -> dict:
+    meas = np.array([r[5] for r in rows])
+    pred = np.array([model.iteration_time(*map(int, r[:5])) for r in rows])
+    ape = np.abs(pred - meas) / meas
+    return {"iterations": len(rows), "mape": round(float(ape.mean()), 4), "median_ape": round(float(np.median(ape)), 4),
+            "p90_ape": round(float(np.quantile(ape, 0.9)), 4),
+            "total_time_error": round(float(abs(pred.sum() - meas.sum()) / meas.sum()), 4)}
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t_start = time.perf_counter()
+    target = load_model(args.model, dtype=torch.float32)
+    draft = load_model(args.draft, dtype=torch.float32) if args.draft else None
+    vocab = target.config.vocab_size
+    room = target.config.max_position_embeddings - args.new_tokens - 2
+    pool = bench_prompts(64, room, vocab, args.model, seed=args.seed)
+    rng = random.Random(args.seed)
+    engine = _engine(target, draft, args, draft is not None)  # the engine as deployed
+    episode(engine, pool[:2], 4, 64, 0, 1, 1, 256)  # warm-up
+    rows, acc_by_depth = [], {}
+    for conc, plen, chunk, (depth, width) in grid(args.quick, draft is not None):
+        prompts = [p[: min(plen, room)] for p in rng.sample(pool, conc)]
+        got, acc = episode(engine, prompts, args.new_tokens, chunk, depth, width, 1 + depth * width,
+                           args.max_batch_tokens)
+        rows += got[1:]  # first step of an episode carries one-off costs (prompt pages, allocs)
+        if width == 1 and depth:
+            acc_by_depth.setdefault(depth, []).extend(acc)
+    # Held out: random mixes of every shape per step, other prompts and seeds.
+    held_rng = random.Random(args.seed + 1000)
+    held = []
+    for _ in range(4 if args.quick else 12):
+        conc = held_rng.choice([1, 3, 6, 12, 24])
+        prompts = [p[: held_rng.randint(8, room)] for p in held_rng.sample(pool, conc)]
+        held += episode(engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=held_rng)[0][1:]
+    # Noise floor: one deterministic episode (fixed shapes, greedy) timed twice, row by row.
+    fixed = [p[:64] for p in pool[:8]]
+    t1, t2 = (np.array([r[5] for r in episode(engine, fixed, args.new_tokens, 64, 2, 1, 3, 1024)[0][1:]])
+              for _ in range(2))
+    n = min(len(t1), len(t2))
+    noise = {"median_ape_between_runs": round(float(np.median(np.abs(t1[:n] - t2[:n]) / t2[:n])), 4),
+             "mape_between_runs": round(float(np.mean(np.abs(t1[:n] - t2[:n]) / t2[:n])), 4)}
+    if args.dump_rows:
+        Path(args.dump_rows).write_text(json.dumps({"train": rows, "held_out": held}))
+    fitted = CostModel.fit(seconds(rows))
+    err_train, err_held = prediction_error(fitted, seconds(rows)), prediction_error(fitted, seconds(held))
+    err_held_wall = prediction_error(fitted, seconds(held, wall=True))  # under this machine's current load
+    deepest = max(acc_by_depth) if acc_by_depth else 0
+    hello = engine.hello()
+    name = args.name or Path(args.out).stem
+    doc = {
+        "name": name,
+        "source": (
+            f"Measured by `sglang-slo profile --model {args.model}"
+            + (f" --draft {args.draft}" if args.draft else "") + f"` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n"
+            f"embedded engine, {torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f} at the end.\n"
+            f"{len(rows)} engine iterations (CPU seconds of Engine.step on its thread, OMP=1) over a grid of\n"
+            f"concurrency, prompt length, prefill chunk and draft depth/width, fit by CostModel.fit.\n"
+            f"CPU time is the work's own cost; the planner's online `scale` absorbs contention.\n"
+            f"Held-out random mixes ({len(held)} iterations): {json.dumps(err_held)}.\n"
+            f"Noise floor (same held-out iterations timed twice): {json.dumps(noise)}.\n"
+            f"Acceptance: greedy chains of depth {deepest}, per-position conditional rates.\n"),
+        "engine": EngineLimits.from_hello(hello).__dict__ | {"depth_tiers": []},
+        "cost": {k: (int(v) if k == "knee_tokens" else float(f"{v:.6g}")) for k, v in fitted.coefficients().items()},
+    }
+    if deepest:
+        doc["acceptance"] = {"default": conditional_acceptance(acc_by_depth[deepest], deepest)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    header = "# Measured CPU profile of the embedded engine (written by `sglang-slo profile`).\n"
+    Path(args.out).write_text(header + yaml.safe_dump(doc, sort_keys=False, width=120))
+    summary = {"out": args.out, "train": err_train, "held_out": err_held, "held_out_wall_time": err_held_wall,
+               "noise_floor": noise, "coefficients": doc["cost"],
+               "acceptance": doc.get("acceptance", {}), "seconds": round(time.perf_counter() - t_start, 1)}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))
