@@ -236,6 +236,40 @@ def test_dead_planner_never_blocks_and_link_goes_down():
     state.link.close()
 
 
+def test_restarted_planner_at_same_endpoint_gets_a_new_handshake():
+    endpoint = ipc_endpoint("test-plugin-restart")
+    planner = _planner(endpoint)
+    sched = scheduler_shell()
+    sched.token_to_kv_pool_allocator = kv_and_cache()[0]
+    clock = FakeClock()
+    state = state_for(sched, endpoint=endpoint, clock=clock)
+    poll = hooked(Scheduler._poll_timeout_aborts, hooks.poll_planner, HookType.AFTER)
+    _poll_until(poll, sched, clock, lambda out: state.link.state.value == "waiting")
+    engine, _ = _recv(planner, EngineHello)
+    planner.send(engine, PlannerWelcome(protocol_version=PROTOCOL_VERSION, accepted=True, policy="t"))
+    _poll_until(poll, sched, clock, lambda out: state.link.up)
+    planner.close()
+    planner = _planner(endpoint)  # a fresh planner: ZeroMQ reconnects silently, it knows nothing
+    __import__("time").sleep(0.5)  # let the DEALER reconnect, so the report below is delivered
+    try:
+        report = IterationReport(step=1, start_s=0, end_s=0, plan_step=-1, prefill_tokens=0, verify_tokens=0,
+                                 draft_steps=0, context_tokens=0, kv_free_tokens=0)
+        assert state.link.send(report, clock.t)  # delivered, unanswered: the planner ignores unknown engines
+        _poll_until(poll, sched, clock, lambda out: not state.link.up)  # silence -> DOWN
+        hello = None
+        for _ in range(200):  # the scheduler loop keeps polling; the engine handshakes again
+            poll(sched)
+            clock.t += 0.6
+            got = planner.recv(20)
+            if got is not None and isinstance(got[1], EngineHello):
+                hello = got[1]
+                break
+        assert hello is not None and hello.engine == "sglang"
+    finally:
+        state.link.close()
+        planner.close()
+
+
 # ------------------------------------------------------------------ prefill-or-decode
 
 

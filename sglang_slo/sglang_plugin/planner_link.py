@@ -7,7 +7,10 @@ dead or restarting planner costs plan freshness, never scheduler time. Protocol 
                                   (Resync sent on every UP transition)
 
 While not UP, events are dropped (the Resync after the next welcome carries the full
-in-flight state instead) and hellos are retried every `retry_s`.
+in-flight state instead) and hellos are retried every `retry_s`. A planner that restarts at
+the same endpoint is reconnected by ZeroMQ silently and knows nothing of this engine, so a
+planner that has sent nothing for `silence_s` while events were waiting for an answer is
+treated as lost too: the link goes DOWN and handshakes again.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ class PlannerLink:
         hello: Callable[[float], EngineHello],
         resync: Callable[[float], Resync],
         retry_s: float = 0.5,
+        silence_s: float = 1.0,
     ):
         """`hello(now)`/`resync(now)` build the handshake and the full-state snapshot."""
         self.channel = EngineChannel(endpoint)
         self._hello = hello
         self._resync = resync
         self.retry_s = retry_s  # seconds between hello attempts while not UP
+        self.silence_s = silence_s  # seconds without any answer to sent events -> re-handshake
+        self._unanswered_since_s: float | None = None  # first send not followed by any message
         self.state = LinkState.DOWN
         self._last_hello_s = float("-inf")
         self.refused_reason = ""
@@ -57,6 +63,8 @@ class PlannerLink:
             return False
         if self.channel.send(msg):
             self.sent += 1
+            if self._unanswered_since_s is None:
+                self._unanswered_since_s = now_s
             return True
         log.warning("planner link: send failed (planner gone?); falling back until it returns")
         self.state = LinkState.DOWN
@@ -66,7 +74,16 @@ class PlannerLink:
     def poll(self, now_s: float) -> Plan | None:
         """Handle the handshake and return the newest plan received since the last poll."""
         newest: Plan | None = None
-        for msg in self.channel.drain():
+        received = self.channel.drain()
+        if received:
+            self._unanswered_since_s = None
+        elif (self.state is LinkState.UP and self._unanswered_since_s is not None
+              and now_s - self._unanswered_since_s > self.silence_s):
+            log.warning("planner silent for %.1fs; handshaking again (planner restarted?)",
+                        now_s - self._unanswered_since_s)
+            self.state = LinkState.DOWN
+            self._last_hello_s = float("-inf")
+        for msg in received:
             if isinstance(msg, PlannerWelcome):
                 self._on_welcome(msg, now_s)
             elif isinstance(msg, Plan) and self.state is LinkState.UP:
@@ -76,6 +93,7 @@ class PlannerLink:
             self._last_hello_s = now_s
             if self.channel.send(self._hello(now_s)):
                 self.state = LinkState.WAITING
+                self._unanswered_since_s = None
             else:
                 self.state = LinkState.DOWN
         return newest

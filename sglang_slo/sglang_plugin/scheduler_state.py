@@ -10,6 +10,7 @@ Engine clock: `time.monotonic()` seconds (the clock of SGLang's `batch.launch_ts
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -29,7 +30,7 @@ from protos.messages import (
 )
 
 from sglang_slo.sglang_plugin.iteration_report import build_report, finish_reason_of, note_first_tokens
-from sglang_slo.sglang_plugin.plan_state import PlannerUpdate, PlanState
+from sglang_slo.sglang_plugin.plan_state import PlannerUpdate, PlanState, PlanView
 from sglang_slo.sglang_plugin.planner_link import PlannerLink
 from sglang_slo.sglang_plugin.request_slo import attach_slo, load_catalog, req_slo
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PLANNER_ENV = "SGLANG_SLO_PLANNER"  # planner endpoint (ipc://... or tcp://...); unset = no planner
 EDF_ENV = "SGLANG_SLO_EDF_FALLBACK"  # "1": order the queue by deadline when no plan rules
+REPORT_LOG_ENV = "SGLANG_SLO_REPORT_LOG"  # path: append one JSON line per iteration (evidence, tests)
 SWEEP_S = 0.5  # seconds between scans for requests that left without a batch result
 
 _current: SloSchedulerState | None = None
@@ -70,7 +72,9 @@ class SloSchedulerState:
         self._valid_until_s = float("inf")  # rank 0: expiry of the plan in force
         self._expire_sent = True
         self._last_sweep_s = 0.0
-        self.plan_step_of_launch: dict[int, int] = {}  # forward_iter -> plan step applied
+        self.plan_of_launch: dict[int, PlanView | None] = {}  # forward_iter -> plan that built it
+        self.building_plan: PlanView | None = None  # plan in force while the next batch is built
+        self._report_log = _open_log(os.environ.get(REPORT_LOG_ENV))
         self.reports_sent = 0
         self.rejected = 0
         _current = self
@@ -107,14 +111,14 @@ class SloSchedulerState:
     def should_defer_prefill(self, original, running_batch) -> bool:
         """The plan's prefill-or-decode choice; SGLang's own rule when no plan rules."""
         view = self.plan.view
-        self.building_plan_step = self.plan.step
+        self.building_plan = view
         if view is None:
             return original(self.scheduler, running_batch)
         return not view.wants_prefill()
 
     def note_launch(self, batch) -> None:
         """Remember which plan built the batch SGLang just launched (for its report)."""
-        self.plan_step_of_launch[batch.forward_iter] = getattr(self, "building_plan_step", -1)
+        self.plan_of_launch[batch.forward_iter] = self.building_plan
 
     # ---------------------------------------------------------------- rank 0
 
@@ -150,7 +154,8 @@ class SloSchedulerState:
         sched = self.scheduler
         if self.link is None:
             return
-        plan_step = self.plan_step_of_launch.pop(batch.forward_iter, -1)
+        plan = self.plan_of_launch.pop(batch.forward_iter, None)
+        plan_step = plan.step if plan is not None else -1
         report = build_report(
             batch,
             result,
@@ -163,9 +168,24 @@ class SloSchedulerState:
         )
         if self.link.send(report, now):
             self.reports_sent += 1
+        if self._report_log is not None:
+            self._log_iteration(report, batch, plan)
         for req in batch.reqs:
             if req.finished() and req.rid in self.tracked:
                 self._finish(req, finish_reason_of(req), now)
+
+    def _log_iteration(self, report, batch, plan: PlanView | None) -> None:
+        line = {
+            "step": report.step, "plan_step": report.plan_step, "start_s": report.start_s, "end_s": report.end_s,
+            "mode": "prefill" if batch.forward_mode.is_extend() else "decode",
+            "prefill": {p.rid: p.prefill_tokens for p in report.progress if p.prefill_tokens},
+            "rids": [p.rid for p in report.progress], "waiting": report.waiting,
+            "plan_prefill": dict(plan.prefill_tokens) if plan is not None else None,
+            "plan_budget": plan.token_budget if plan is not None else None,
+            "link_up": bool(self.link and self.link.up),
+        }
+        self._report_log.write(json.dumps(line) + "\n")
+        self._report_log.flush()
 
     def _announce_arrivals(self, now: float) -> None:
         for req in self._arrivals:
@@ -272,6 +292,10 @@ class SloSchedulerState:
             requests=snaps,
             kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
         )
+
+
+def _open_log(path: str | None):
+    return open(path, "a", buffering=1) if path else None
 
 
 def _depth_tiers() -> list[int]:
