@@ -10,6 +10,8 @@ Measures, greedy, prompts cut from Python stdlib sources (random ids for --rando
   --tree-cap nodes), their ratio, and the mean accepted draft tokens per verify;
 - aggregate tokens/s at each --concurrency (all requests submitted at once), without and
   with speculation;
+- tokens per CPU second of the engine thread next to tokens per wall second: on a shared
+  machine the first is the engine's own speed, the second what it got under the load;
 - Python overhead per iteration as a fraction of model time: (iteration wall time -
   model time) / model time, from the engine's own IterationReports (`forward_s` is the time
   inside the models' forward + LM head calls; everything else -- scheduling, attention
@@ -104,7 +106,7 @@ def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0) 
         eng.add_request(f"b{i}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), _SLO)
     tokens, steps, forward_s, wall_iter, verifies, accepted = 0, 0, 0.0, 0.0, 0, 0
     decode_wall, decode_tokens = 0.0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     while eng.has_work:
         out = eng.step()
         r = out.report
@@ -120,9 +122,10 @@ def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0) 
             if p.verified:
                 verifies += 1
                 accepted += p.accepted
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
     return {
         "tokens_per_s": round(tokens / wall, 1),
+        "tokens_per_cpu_s": round(tokens / cpu, 1),
         "decode_tokens_per_s": round(decode_tokens / decode_wall, 1) if decode_wall else 0.0,
         "iterations": steps,
         "ms_per_iteration": round(1e3 * wall_iter / steps, 3),
@@ -159,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
                                        args.tree_cap), args.repeats)
         out["single_stream_spec"] = spec
         out["spec_speedup"] = round(spec["tokens_per_s"] / base["tokens_per_s"], 3)
+        out["spec_speedup_cpu"] = round(spec["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 3)
     out["concurrent"] = {}
     for c in args.concurrency:
         point = {"plain": _best(lambda: run_point(target, None, prompts[:c], args.new_tokens), args.repeats)}
