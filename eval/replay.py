@@ -109,10 +109,10 @@ class _Replay:
         limits = httpx.Limits(max_connections=self.cfg.max_connections, max_keepalive_connections=64)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.client.request_timeout_s)) as http:
             self.http = http
+            first = [(g, self._first_prompt(g)) for g in self.requests if not g.after_rid]  # before the clock starts
             self.t0 = time.monotonic()
-            for g in self.requests:
-                if not g.after_rid:
-                    self._spawn(self._call(g, g.arrival_s, self._first_prompt(g)))
+            for g, prompt in first:
+                self._spawn(self._call(g, g.arrival_s, prompt))
             deadline = self.t0 + self.cfg.max_duration_s
             stopped = False
             while self.tasks:

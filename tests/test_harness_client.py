@@ -1,6 +1,6 @@
 """The load client and trace replay against a small real SSE server (FastAPI + uvicorn on loopback).
 
-The in-test server streams OpenAI completion chunks at a fixed TTFT and TPOT, so the recorded
+The stub server (eval.stub_server) streams OpenAI completion chunks at a fixed TTFT and TPOT, so the recorded
 times and the attainment computed from them by eval.metrics are known in advance. It records
 what it received (bodies, headers, times) so the tests can check the SLO annotations, the
 prompts' token counts and the closed-loop timing from the server's side.
@@ -9,93 +9,22 @@ prompts' token counts and the closed-loop timing from the server's side.
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from eval.load_client import CallResult, ClientConfig, build_request, send_request, slo_annotation
 from eval.metrics import Outcome, meets_adaserve, meets_slos_serve, summarize
 from eval.prompt_text import PromptTexts
 from eval.replay import ReplayConfig, cut_trace, replay_sync
+from eval.stub_server import StubServer
 from eval.workloads import GenRequest, Workload
 from protos.messages import Slo, Stage
 from sglang_slo.engine.tokenizer import Tokenizer, read_texts, stdlib_text_files
 
 TTFT_S = 0.05  # seconds: the fake server's time to first token
 TPOT_S = 0.02  # seconds between chunks
-
-
-class FakeServer:
-    """OpenAI-style /v1/completions SSE server with scripted behaviour per SLO class."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self.received: list[dict] = []  # {"body", "headers", "t_recv", "t_done"}
-        self.tokens_per_chunk = 1
-        app = FastAPI()
-
-        @app.post("/v1/completions")
-        async def completions(request: Request):
-            body = await request.json()
-            entry = {"body": body, "headers": dict(request.headers), "t_recv": time.monotonic(), "t_done": None}
-            self.received.append(entry)
-            slo = (body.get("custom_params") or {}).get("slo", {})
-            cls = slo.get("class") or request.headers.get("x-slo-class", "")
-            if cls == "reject-me":
-                return JSONResponse({"error": {"message": "overloaded", "code": 429}}, status_code=429)
-            if cls == "bad-me":
-                return JSONResponse({"error": {"message": "custom_params.slo.class: unknown", "code": 400}},
-                                    status_code=400)
-            n = int(body["max_tokens"])
-            prompt_tokens = len(self.tok.encode(body["prompt"]))
-            marker_at = slo.get("think_tokens", 0) - 2 if cls == "marker-me" else -1
-
-            async def events():
-                await asyncio.sleep(TTFT_S)
-                sent = 0
-                while sent < n:
-                    if sent and cls == "die-me" and sent >= n // 2:
-                        yield "data: " + json.dumps({"error": {"message": "rejected by admission", "code": 429}}) + "\n\n"
-                        return
-                    k = min(self.tokens_per_chunk, n - sent)
-                    text = "".join("</think>" if sent + j == marker_at else f" t{sent + j}" for j in range(k))
-                    sent += k
-                    chunk = {"object": "text_completion", "choices": [{"index": 0, "text": text,
-                             "finish_reason": "length" if sent == n else None}],
-                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sent}}
-                    yield "data: " + json.dumps(chunk) + "\n\n"
-                    if sent < n:
-                        await asyncio.sleep(TPOT_S * k)
-                entry["t_done"] = time.monotonic()
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise TimeoutError("fake server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +39,7 @@ def prompts(tok) -> PromptTexts:
 
 @pytest.fixture()
 def server(tok):
-    s = FakeServer(tok)
-    s.start()
+    s = StubServer(TTFT_S, TPOT_S, count_tokens=tok.encode).start()
     yield s
     s.stop()
 
