@@ -36,7 +36,7 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("mixed-h100", "mixed", "configs/hardware/h100-llama3.1-8b-eagle3.yaml", 15.0, 30.0, "slos_serve",
+    Scenario("mixed-h100", "mixed", "configs/hardware/h100-llama3.1-8b-eagle3.yaml", 22.0, 30.0, "slos_serve",
              "tool-calling loops + reasoning + coding + chat; gamma arrivals (k=0.5)"),
     Scenario("adaserve-a100", "adaserve", "configs/hardware/a100-llama3.1-70b-1b-draft.yaml", 4.0, 60.0, "adaserve",
              "AdaServe 60/20/20 coding/chat/summarization, 256 output tokens, TPOT-only SLOs"),

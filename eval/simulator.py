@@ -99,6 +99,7 @@ class Simulator:
             max_batch_tokens=lim.max_batch_tokens, kv_capacity_tokens=lim.kv_capacity_tokens,
             max_depth=lim.max_depth, max_width=lim.max_width, depth_tiers=list(lim.depth_tiers),
             kv_block_tokens=lim.kv_block_tokens, config_hash=f"sim:{self.profile.name}")
+        self._build_requests()  # before the planner starts: bad input must not leak a sidecar
         self.link = None
         if policy is not None:
             if over_zmq:
@@ -106,7 +107,6 @@ class Simulator:
             else:
                 self.link = InProcessLink(policy, hardware, **(policy_overrides or {}))
                 self.link.send(self.hello)
-        self._build_requests()
         self.warm_prefixes: set[str] = set()  # app-wide prefixes some request has prefilled
         self.now = 0.0
         self.step = 0

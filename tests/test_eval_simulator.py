@@ -157,3 +157,12 @@ def test_overload_lowers_attainment():
 def test_unloaded_tpot_from_profile():
     t = unloaded_tpot_s(load_profile(H100))
     assert 0.005 < t < 0.02  # 8B on an H100: ~8 ms per token
+
+
+def test_bad_workload_is_a_clear_error():
+    slo = Slo(ttft_s=1.0, tpot_s=0.1)
+    orphan = GenRequest(rid="b", arrival_s=0.0, prompt_tokens=5, output_tokens=5, slo=slo, alphas=[0.8], after_rid="a")
+    with pytest.raises(ValueError, match="depends on 'a'"):
+        Simulator(Workload(name="x", rate=1, duration_s=1, seed=0, requests=[orphan]), H100, "fcfs")
+    with pytest.raises(ValueError, match="slo_order"):
+        SimConfig(slo_order="random")
