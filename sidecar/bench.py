@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="64,256,1024,4096", help="active request counts")
     p.add_argument("--iters", type=int, default=200, help="timed plans per (policy, size); fewer at large sizes")
     p.add_argument("--rt-iters", type=int, default=2000, help="round trips to time")
-    p.add_argument("--rt-requests", type=int, default=64, help="active requests during the round-trip test")
+    p.add_argument("--rt-requests", default="64,1024", help="active request counts for the round-trip test")
     p.add_argument("--rt-policy", default="fcfs", help="policy of the round-trip sidecar")
     p.add_argument("--no-roundtrip", action="store_true", help="skip the subprocess round-trip test")
     p.add_argument("--seed", type=int, default=0)
@@ -163,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
                 r = out["plan_latency"][name][str(n)]["plan"]
                 print(f"{name:12s} n={n:5d} plan p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms", flush=True)
     if not args.no_roundtrip:
-        out["zmq_roundtrip"] = bench_roundtrip(args.hardware, args.rt_policy, args.rt_requests, args.rt_iters, args.seed)
-        if not args.json:
-            r = out["zmq_roundtrip"]["roundtrip"]
-            print(f"round trip ({args.rt_policy}, {args.rt_requests} req): p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms")
+        out["zmq_roundtrip"] = {}
+        for n in (int(x) for x in args.rt_requests.split(",") if x):
+            iters = max(100, args.rt_iters * 64 // max(n, 64))
+            r = out["zmq_roundtrip"][str(n)] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed)
+            if not args.json:
+                rt = r["roundtrip"]
+                print(f"round trip ({args.rt_policy}, {n} req): p50 {rt['p50_ms']:.3f} ms  p99 {rt['p99_ms']:.3f} ms", flush=True)
     out["loadavg_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(out, indent=1))
