@@ -4,7 +4,8 @@
   reserved, SGLang's PrefillAdder rule); head-of-line blocking: the first request that does
   not fit stops admission (as SGLang does).
 - Chunked prefill: at most `chunk_size` prompt tokens per iteration, mixed with decode
-  (SGLang `--enable-mixed-chunk`); partially prefilled requests continue first.
+  (SGLang `--enable-mixed-chunk`); partially prefilled requests continue first. Prefill has
+  priority over draft tokens, as SGLang runs a pending prefill batch before the next decode.
 - Every running request decodes with the same fixed speculation depth k (chain, width 1;
   k = 0: speculation off), clipped to the engine's limits and depth tiers.
 - Token budget = the engine's max_batch_tokens.
@@ -88,9 +89,10 @@ class FcfsPolicy(Policy):
             if r.prefilled >= r.prompt_tokens:
                 n_decode += 1
         budget = max(lim.max_batch_tokens, n_decode)
-        # Prefill gets what the full fixed-k verify leaves, at most one chunk; the engine
-        # guarantees each decode entry its root token, so the invariant uses 1 per entry.
-        left = min(cfg.chunk_size, budget - n_decode * cap, budget - n_decode)
+        # Prefill first (SGLang runs a pending prefill batch before decoding), at most one
+        # chunk; every decode entry keeps its root token, and the engine fills the rest of
+        # the budget with draft nodes up to each entry's k+1 cap.
+        left = min(cfg.chunk_size, budget - n_decode)
         chunks: dict[str, int] = {}  # rid -> tokens, in service order
         for r in running:
             if left <= 0:
