@@ -30,7 +30,7 @@ def find_capacity(workload: str, hardware: str | Path, policy: str, *, target: f
                   definition: str = "slos_serve", start_rate: float = 2.0, min_rate: float = 0.05,
                   max_rate: float = 256.0, duration_s: float = 30.0, seed: int = 0, rel_tol: float = 0.05,
                   max_probes: int = 12, config: SimConfig = SimConfig(), max_context: int | None = None,
-                  scale_slos: bool = False) -> CapacityResult:
+                  scale_slos: bool = False, policy_overrides: dict | None = None) -> CapacityResult:
     """Bisection over the arrival rate for `policy` on `workload` (attainment by `definition`)."""
     if definition not in ("slos_serve", "adaserve"):
         raise ValueError("definition must be slos_serve or adaserve")
@@ -42,7 +42,7 @@ def find_capacity(workload: str, hardware: str | Path, policy: str, *, target: f
     def attain(rate: float) -> float:
         w = make_workload(workload, hardware, rate=rate, duration_s=duration_s, seed=seed, max_context=max_context,
                           scale_slos=scale_slos)
-        res = simulate(w, hardware, policy, seed=seed, config=config)
+        res = simulate(w, hardware, policy, seed=seed, config=config, policy_overrides=policy_overrides)
         a = summarize(res.records, res.window_s)["overall"][key] or 0.0
         out.probes.append((rate, a))
         if a >= target and rate > out.rate:

@@ -49,7 +49,9 @@ def result_summary(res: SimResult) -> dict:
 
 
 def compare(workload: Workload, hardware: str | Path, policies: list[str], *, seed: int = 0,
-            over_zmq: bool = False, config: SimConfig = SimConfig()) -> dict[str, dict]:
+            over_zmq: bool = False, config: SimConfig = SimConfig(),
+            policy_overrides: dict | None = None) -> dict[str, dict]:
     """policy -> summary (see `eval.metrics.summarize`) plus simulator stats."""
-    return {p: result_summary(simulate(workload, hardware, p, seed=seed, over_zmq=over_zmq, config=config))
+    return {p: result_summary(simulate(workload, hardware, p, seed=seed, over_zmq=over_zmq, config=config,
+                                       policy_overrides=policy_overrides))
             for p in policies}

@@ -162,9 +162,23 @@ def summarize_group(recs: list[RequestRecord], elapsed_s: float, check_every: in
     }
 
 
-def summarize(records: Iterable[RequestRecord], elapsed_s: float, check_every: int = 1) -> dict:
-    """{"overall": {...}, "classes": {slo_class: {...}}} (see `summarize_group`).
+def summarize_sessions(recs: list[RequestRecord], check_every: int = 1) -> dict:
+    """Agent loops (records sharing a session id): a session meets its SLOs iff every call does."""
+    by_session: dict[str, list[RequestRecord]] = {}
+    for r in recs:
+        if r.session_id:
+            by_session.setdefault(r.session_id, []).append(r)
+    n = len(by_session)
+    ok_ss = sum(all(meets_slos_serve(r, check_every) for r in rs) for rs in by_session.values())
+    ok_ad = sum(all(meets_adaserve(r) for r in rs) for rs in by_session.values())
+    return {"sessions": n, "calls": sum(len(rs) for rs in by_session.values()),
+            "attainment_slos_serve": ok_ss / n if n else None, "attainment_adaserve": ok_ad / n if n else None}
 
+
+def summarize(records: Iterable[RequestRecord], elapsed_s: float, check_every: int = 1) -> dict:
+    """{"overall": {...}, "classes": {slo_class: {...}}, "sessions": {...}}.
+
+    overall/classes: see `summarize_group`; sessions: see `summarize_sessions`.
     elapsed_s: the run's length in seconds (goodput denominators)."""
     recs = list(records)
     by_class: dict[str, list[RequestRecord]] = {}
@@ -173,4 +187,5 @@ def summarize(records: Iterable[RequestRecord], elapsed_s: float, check_every: i
     return {
         "overall": summarize_group(recs, elapsed_s, check_every),
         "classes": {c: summarize_group(rs, elapsed_s, check_every) for c, rs in sorted(by_class.items())},
+        "sessions": summarize_sessions(recs, check_every),
     }

@@ -30,7 +30,8 @@ def _cell(group: dict, key: str, fmt: str) -> str:
 
 
 def rows(results: dict[str, dict], capacity: dict[str, dict] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one 'all' row per policy, then one row per SLO class."""
+    """Header and rows: one 'all' row per policy, then one row per SLO class, then a
+    '(loops)' row for agent sessions (a loop counts as met iff all its calls are)."""
     header = ["policy", "class"] + [h for h, _, _ in _COLS] + (["capacity req/s"] if capacity else [])
     out = []
     for policy, res in results.items():
@@ -40,6 +41,11 @@ def rows(results: dict[str, dict], capacity: dict[str, dict] | None = None) -> t
             if capacity:
                 row.append(_f(capacity.get(policy, {}).get("rate"), ".2f") if cls == "all" else "")
             out.append(row)
+        sess = res.get("sessions") or {}
+        if sess.get("sessions"):
+            row = [policy, "(loops)", str(sess["sessions"]), _f(sess["attainment_slos_serve"], ".1%"),
+                   _f(sess["attainment_adaserve"], ".1%")] + ["-"] * (len(_COLS) - 3)
+            out.append(row + ([""] if capacity else []))
     return header, out
 
 

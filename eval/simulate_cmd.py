@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rescale SLO classes by the profile's unloaded TPOT (CPU tiny-model profiles)")
     p.add_argument("--save-workload", default=None, help="write the generated workload as JSON")
     p.add_argument("--over-zmq", action="store_true", help="run each planner as a `python -m sidecar` process over ipc://")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy config override for every policy (VALUE parsed as YAML), repeatable")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
 
@@ -45,20 +47,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     try:
+        overrides = _overrides(args.overrides)
         w = make_workload(args.workload, args.hardware, rate=args.rate, duration_s=args.duration, seed=args.seed,
                           max_context=args.max_context, scale_slos=args.scale_slos)
         if args.save_workload:
             save_workload(w, args.save_workload)
-        results = compare(w, args.hardware, policies, seed=args.seed, over_zmq=args.over_zmq)
+        results = compare(w, args.hardware, policies, seed=args.seed, over_zmq=args.over_zmq,
+                          policy_overrides=overrides)
         capacity = None
         if args.sweep:
             capacity = {}
             for p in policies:
                 c = find_capacity(args.workload, args.hardware, p, target=args.target, definition=args.definition,
                                   start_rate=w.rate, duration_s=w.duration_s, seed=args.seed,
-                                  max_context=args.max_context, scale_slos=args.scale_slos)
+                                  max_context=args.max_context, scale_slos=args.scale_slos,
+                                  policy_overrides=overrides)
                 capacity[p] = {"rate": c.rate, "attainment": c.attainment, "probes": c.probes}
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         print(f"simulate: {e}", file=sys.stderr)
         return 2
     doc = {"workload": w.name, "hardware": args.hardware, "rate": w.rate, "duration_s": w.duration_s,
@@ -75,3 +80,15 @@ def run(args: argparse.Namespace) -> int:
               f"hardware {args.hardware}, seed {args.seed}")
         print(text_table(results, capacity))
     return 0
+
+
+def _overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -98,3 +98,17 @@ def test_summarize_per_class_goodput_and_percentiles():
     assert o["goodput_tps"] == pytest.approx((10 + 2) / 10)
     assert o["ttft_p50_s"] == pytest.approx(0.5)  # TTFTs 0.5, 2.0, 0.2
     assert o["tpot_p50_s"] == pytest.approx(0.1)
+
+
+def test_session_attainment_needs_every_call():
+    ok1 = rec([0.5, 0.6], rid="a1")
+    ok2 = rec([2.5, 2.6], arrival=2.0, rid="a2")
+    late = rec([3.0, 3.1], arrival=2.0, rid="b2")  # TTFT miss
+    cancelled = rec([], outcome=Outcome.CANCELLED, rid="c2")
+    for r, s in ((ok1, "A"), (ok2, "A"), (late, "B"), (cancelled, "C")):
+        r.session_id = s
+    sess = summarize([ok1, ok2, late, cancelled], 1.0)["sessions"]
+    assert sess["sessions"] == 3 and sess["calls"] == 4
+    full = summarize([ok1, ok2, late, cancelled, rec([0.5, 0.6], rid="x")], 1.0)
+    assert full["sessions"]["attainment_slos_serve"] == pytest.approx(1 / 3)  # only A
+    assert full["sessions"]["attainment_adaserve"] == pytest.approx(2 / 3)  # A and B (TTFT ignored)
