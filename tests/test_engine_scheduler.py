@@ -99,6 +99,16 @@ def test_plan_decode_entries_are_clamped_to_engine_limits_and_budget():
     assert b.decodes[0].depth == 1
 
 
+def test_batch_wide_spec_depth_overrides_entries():
+    s = make_scheduler(max_depth=6, max_width=2)
+    s.add(make_request("a", prompt_len=4, max_new=50))
+    fake_run(s, s.schedule(None, 0.0))
+    p = plan(budget=64, decode=[("a", 1.0, 3, 1, 2)])
+    p.spec_depth = 3
+    (d,) = s.schedule(p, now=0.0).decodes
+    assert (d.depth, d.width, d.tree_cap) == (3, 2, 7)
+
+
 def test_plan_preempt_frees_kv_and_requeues():
     s = make_scheduler()
     s.add(make_request("a"))

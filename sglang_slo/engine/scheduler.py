@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from protos import messages as protos
 from sglang_slo.engine.block_tables import BlockTables
 from sglang_slo.engine.request import Request, RequestStatus
@@ -169,6 +171,10 @@ class Scheduler:
         decoding = [r for r in self.running if r.is_decoding]
         if plan is not None:  # planned order first, then any running request it left out (EDF)
             entries = {e.rid: e for e in plan.decode}
+            if plan.spec_depth >= 0:  # a batch-wide depth overrides the entries' depths
+                entries = {rid: msgspec.structs.replace(e, depth=plan.spec_depth,
+                                                        tree_cap=max(e.tree_cap, 1 + plan.spec_depth * e.width))
+                           for rid, e in entries.items()}
             rank = {e.rid: i for i, e in enumerate(plan.decode)}
             decoding.sort(key=lambda r: (rank.get(r.rid, len(rank)), r.next_token_deadline_s()))
         else:
