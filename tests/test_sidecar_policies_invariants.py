@@ -200,3 +200,16 @@ def test_make_policy_errors_are_clear():
         make_policy("fcfs", chunk=3)
     with pytest.raises(ValueError, match="bad fcfs"):
         make_policy("fcfs", chunk_size=0)
+
+
+def test_priority_preempt_threshold_and_switch():
+    reqs = [
+        {"prompt": 1000, "max_new": 10, "phase": "decoding", "frac": 0, "decoded_frac": 0.0, "priority": 1, "cached_frac": 0},
+        {"prompt": 800, "max_new": 10, "phase": "waiting", "frac": 0, "decoded_frac": 0, "priority": 3, "cached_frac": 0},
+    ]
+    for opts, preempted in [({}, True), ({"preempt_threshold": 2}, False), ({"preempt_threshold": 1}, True),
+                            ({"preemption": False}, False)]:
+        planner = _planner("priority", max_batch_tokens=256, kv=3000, spec_k=0, new_token_ratio=0.0, **opts)
+        _build(planner, reqs, kv_free=300)
+        plan = planner.plan(1.0)
+        assert (("r0", D.PREEMPT) in [(d.rid, d.decision) for d in plan.decisions]) is preempted, opts

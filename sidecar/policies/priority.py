@@ -1,20 +1,33 @@
 """`priority`: SGLang priority scheduling: fcfs mechanics, ordered by `Slo.priority`.
 
 Waiting and running requests are served by priority (larger first), then arrival. When the
-most important waiting request does not fit in KV, running requests of strictly lower
-priority are preempted (lowest priority, latest arrival first), as SGLang's
-`--enable-priority-scheduling` with preemption does.
+most important waiting request does not fit in KV, running requests whose priority is lower
+by more than `preempt_threshold` are preempted (lowest priority, latest arrival first), as
+SGLang's `--enable-priority-scheduling` with preemption does
+(`--priority-scheduling-preemption-threshold`, SGLang default 10; 0 here because SLO classes
+use small priorities).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sidecar.policies.base import build_config
 from sidecar.policies.fcfs import FcfsConfig, FcfsPolicy
 from sidecar.state import ReqState
 
 
+@dataclass(frozen=True)
+class PriorityConfig(FcfsConfig):
+    preempt_threshold: int = 0
+    """Preempt a running request only if its priority is lower by more than this."""
+    preemption: bool = True
+    """False: never preempt (SGLang --disable-priority-preemption)."""
+
+
 class PriorityPolicy(FcfsPolicy):
     name = "priority"
+    config: PriorityConfig
 
     def order(self, reqs: list[ReqState]) -> list[ReqState]:
         """Priority descending, then arrival: a stable bucket pass, O(n) for few priorities
@@ -35,10 +48,13 @@ class PriorityPolicy(FcfsPolicy):
         return out
 
     def make_room(self, waiting: ReqState, deficit: int, running: list[ReqState], gone: set[str]) -> list[ReqState]:
+        if not self.config.preemption:
+            return []
         victims, freed = [], 0
+        bar = waiting.slo.priority - self.config.preempt_threshold  # victims: priority < bar
         # `running` is in priority order: walk it from the back (lowest priority, latest).
         for v in reversed(running):
-            if freed >= deficit or v.slo.priority >= waiting.slo.priority:
+            if freed >= deficit or v.slo.priority >= bar:
                 break
             if v.rid in gone:
                 continue
@@ -48,4 +64,4 @@ class PriorityPolicy(FcfsPolicy):
 
 
 def make(**overrides) -> PriorityPolicy:
-    return PriorityPolicy(build_config(FcfsConfig, overrides, "priority"))
+    return PriorityPolicy(build_config(PriorityConfig, overrides, "priority"))
