@@ -3,7 +3,8 @@
 A line-for-line mirror of the embedded engine's rules (sglang_slo/engine/scheduler.py),
 written against the simulator's block accounting because that module imports torch:
 - a plan is used iff `now <= plan.valid_until_s`; its decisions apply first (REJECT,
-  PREEMPT, ADMIT/BEST_EFFORT/DEFER), its budget becomes the last budget;
+  PREEMPT, ADMIT/BEST_EFFORT/DEFER), its budget becomes the last budget; a batch-wide
+  `spec_depth >= 0` overrides every entry's depth;
 - decodes: the plan's order, then running requests it left out by next-token deadline
   (fallback: best effort last, then EDF), each with its planned depth/width/tree cap
   (fallback: its last planned entry, else plain decode), 1 budget token per root;
@@ -17,6 +18,8 @@ written against the simulator's block accounting because that module imports tor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import msgspec
 
 from eval.kv_blocks import KvBlocks
 from eval.sim_request import SimRequest, Status
@@ -136,6 +139,10 @@ class SimScheduler:
         decoding = [r for r in self.running if r.is_decoding]
         if plan is not None:
             entries = {e.rid: e for e in plan.decode}
+            if plan.spec_depth >= 0:  # a batch-wide depth overrides the entries' depths
+                entries = {rid: msgspec.structs.replace(e, depth=plan.spec_depth,
+                                                        tree_cap=max(e.tree_cap, 1 + plan.spec_depth * e.width))
+                           for rid, e in entries.items()}
             rank = {e.rid: i for i, e in enumerate(plan.decode)}
             decoding.sort(key=lambda r: (rank.get(r.rid, len(rank)), r.next_token_deadline_s()))
         else:

@@ -166,3 +166,27 @@ def test_bad_workload_is_a_clear_error():
         Simulator(Workload(name="x", rate=1, duration_s=1, seed=0, requests=[orphan]), H100, "fcfs")
     with pytest.raises(ValueError, match="slo_order"):
         SimConfig(slo_order="random")
+
+
+def test_batch_wide_spec_depth_overrides_entries():
+    from eval.kv_blocks import KvBlocks
+    from eval.sim_request import SimRequest, Status
+    from eval.sim_scheduler import SchedulerLimits, SimScheduler
+    from eval.metrics import RequestRecord
+    from protos.messages import DecodeEntry, Plan
+
+    kv = KvBlocks(10_000, 16)
+    sched = SimScheduler(SchedulerLimits(max_batch_tokens=512, max_running=8, max_depth=8, max_width=4,
+                                         fallback_budget=64), kv)
+    slo = Slo(ttft_s=1.0, tpot_s=0.1)
+    g = GenRequest(rid="a", arrival_s=0.0, prompt_tokens=8, output_tokens=50, max_new_tokens=50, slo=slo, alphas=[0.8])
+    r = SimRequest(gen=g, record=RequestRecord(rid="a", slo=slo, arrival_s=0.0), status=Status.RUNNING,
+                   computed=8, decoded=1)
+    sched.running.append(r)
+    entry = DecodeEntry("a", min_tokens=1.0, tree_cap=3, depth=2, width=1)
+    b = sched.schedule(Plan(step=1, valid_until_s=1.0, token_budget=64, decode=[entry]), 0.0)
+    assert (b.decodes[0].depth, b.decodes[0].tree_cap) == (2, 3)
+    b = sched.schedule(Plan(step=2, valid_until_s=1.0, token_budget=64, decode=[entry], spec_depth=5), 0.0)
+    assert (b.decodes[0].depth, b.decodes[0].tree_cap) == (5, 6)
+    stale = sched.schedule(Plan(step=3, valid_until_s=-1.0, token_budget=64, decode=[]), 0.0)
+    assert stale.plan_step == -1 and stale.decodes[0].depth == 2  # fallback: last planned entry
