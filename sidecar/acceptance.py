@@ -69,15 +69,25 @@ def widen(alpha: float, width: int) -> float:
     return 1.0 - (1.0 - alpha) ** (1.0 + 0.5 * (width - 1))
 
 
+def _width_exponent(width: float) -> float:
+    return 1.0 + 0.5 * (width - 1.0)  # see widen()
+
+
 @dataclass(slots=True)
 class _Counts:
-    """Decayed accepted/trial counts per draft position (index 0 = position 1)."""
+    """Decayed accepted/trial counts per draft position (index 0 = position 1).
+
+    Tree verifies accept per level with the widened rate; `wexp` tracks the mean widen
+    exponent of the observations so estimates can be mapped back to chain alphas."""
 
     acc: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
     trials: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
+    wexp: float = 1.0
 
-    def add(self, accepted: int, depth: int, decay: float) -> None:
+    def add(self, accepted: int, depth: int, decay: float, width: float = 1.0) -> None:
         acc, trials = self.acc, self.trials
+        w = 1.0 / (trials[0] + 1.0)  # running mean (an EWMA once decay bounds the counts)
+        self.wexp += w * (_width_exponent(width) - self.wexp)
         if decay < 1.0:
             for j in range(MAX_POSITIONS):
                 acc[j] *= decay
@@ -181,12 +191,14 @@ class AcceptanceModel:
         est = self._requests.get(rid)
         if est is None:
             est = self._requests[rid] = _RequestEstimate(slo_class)
-        est.counts.add(progress.accepted, progress.depth, self.decay)
+        # Mean nodes per level of the verified tree (1 for chains).
+        width = progress.verified / progress.depth if progress.verified > progress.depth else 1.0
+        est.counts.add(progress.accepted, progress.depth, self.decay, width)
         est.cache = None
         cls = self._classes.get(est.slo_class)
         if cls is None:
             cls = self._classes[est.slo_class] = _Counts()
-        cls.add(progress.accepted, progress.depth, self.class_decay)
+        cls.add(progress.accepted, progress.depth, self.class_decay, width)
         # Requests shrink toward the class estimate, which just moved; their cached alphas
         # refresh lazily once per _CLASS_EPOCH class updates (keeps plan() O(n), not O(n*16)).
         n = self._class_updates[est.slo_class] = self._class_updates.get(est.slo_class, 0) + 1
@@ -207,7 +219,13 @@ def _pad(alphas: list[float]) -> list[float]:
 
 
 def _shrink(counts: _Counts, prior: list[float], strength: float) -> list[float]:
-    return [
-        (a + strength * p) / (t + strength)
-        for a, t, p in zip(counts.acc, counts.trials, prior)
-    ]
+    """Posterior-mean chain alphas: counts shrunk toward the prior (in the observations'
+    widened space when they came from trees, then mapped back)."""
+    e = counts.wexp
+    if e <= 1.0001:
+        return [(a + strength * p) / (t + strength) for a, t, p in zip(counts.acc, counts.trials, prior)]
+    out = []
+    for a, t, p in zip(counts.acc, counts.trials, prior):
+        tree = (a + strength * (1.0 - (1.0 - p) ** e)) / (t + strength)
+        out.append(1.0 - (1.0 - tree) ** (1.0 / e))
+    return out

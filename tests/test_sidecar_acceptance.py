@@ -110,3 +110,19 @@ def test_non_speculative_progress_is_ignored_and_forget_resets():
     model.forget("r")
     model.register("r", "chat")
     assert model.alphas("r", 1)[0] == pytest.approx(class_now)  # back to the class estimate
+
+
+def test_tree_observations_map_back_to_chain_alphas():
+    chain_alpha, width, depth = 0.6, 3, 4
+    level = widen(chain_alpha, width)  # per-level acceptance of a width-3 tree
+    model = AcceptanceModel(decay=1.0, class_strength=1e9)
+    model.register("r", "chat")
+    rng = random.Random(5)
+    for _ in range(3000):
+        acc = 0
+        while acc < depth and rng.random() < level:
+            acc += 1
+        model.observe("r", "chat", m.RequestProgress("r", 1, 1, verified=width * depth, accepted=acc, depth=depth))
+    assert model.alphas("r", 1)[0] == pytest.approx(chain_alpha, abs=0.04)
+    assert model.expected_accepted("r", depth, width) == pytest.approx(chain_expected([level], depth), rel=0.08)
+    assert model.expected_accepted("r", depth, 1) < model.expected_accepted("r", depth, width)
