@@ -192,3 +192,41 @@ def replay_sync(workload: Workload, client: ClientConfig, prompts: PromptTexts,
                 cfg: ReplayConfig = ReplayConfig()) -> ReplayResult:
     """`replay` in a fresh event loop (for synchronous callers)."""
     return asyncio.run(replay(workload, client, prompts, cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m eval.replay --workload W.json --base-url URL --tokenizer DIR`: replay a saved trace
+    (eval.workloads.save_workload) and print eval.metrics.summarize as JSON."""
+    import argparse
+    import json
+    import sys
+
+    from eval.metrics import summarize
+    from eval.workloads import load_workload
+
+    p = argparse.ArgumentParser(prog="python -m eval.replay", description=main.__doc__.splitlines()[0])
+    p.add_argument("--workload", required=True, help="JSON written by eval.workloads.save_workload")
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:30000")
+    p.add_argument("--tokenizer", required=True, help="directory with the server model's tokenizer.json")
+    p.add_argument("--slo-via", default="body", choices=["body", "headers"])
+    p.add_argument("--max-duration-s", type=float, default=300.0)
+    p.add_argument("--max-requests", type=int, default=0)
+    p.add_argument("--api-key", default=None)
+    a = p.parse_args(argv)
+    try:
+        from sglang_slo.engine.tokenizer import Tokenizer
+
+        w = load_workload(a.workload)
+        prompts = PromptTexts(Tokenizer.load(a.tokenizer))
+        res = replay_sync(w, ClientConfig(base_url=a.base_url, slo_via=a.slo_via, api_key=a.api_key), prompts,
+                          ReplayConfig(max_duration_s=a.max_duration_s, max_requests=a.max_requests))
+    except (ValueError, OSError) as e:
+        print(f"replay: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"elapsed_s": res.elapsed_s, "window_s": res.window_s, "stopped_by_deadline":
+                      res.stopped_by_deadline, "stats": res.stats, **summarize(res.records, res.window_s)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

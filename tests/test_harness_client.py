@@ -231,3 +231,23 @@ def test_send_request_directly(server, prompts):
     out = asyncio.run(go())
     assert out is call and call.record.outcome is Outcome.FINISHED and call.text == " t0 t1 t2 t3"
     assert call.finish_reason == "length" and call.completion_tokens == 4
+
+
+def test_replay_cli_on_a_saved_trace(server, tok, tmp_path, capsys):
+    import json
+
+    from eval.demo_serve import demo_trace
+    from eval.replay import main
+    from eval.workloads import save_workload
+
+    w = demo_trace(TPOT_S, rate=4.0, duration_s=1.5, seed=2)
+    save_workload(w, tmp_path / "w.json")
+    tok.save(tmp_path / "tok")
+    assert main(["--workload", str(tmp_path / "w.json"), "--base-url", server.url, "--tokenizer",
+                 str(tmp_path / "tok"), "--max-duration-s", "60"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["overall"]["requests"] == len(w.requests) == out["overall"]["finished"]
+    assert out["stats"]["prompt_tokens_abs_error_mean"] <= 1.0
+    assert main(["--workload", str(tmp_path / "missing.json"), "--base-url", server.url,
+                 "--tokenizer", str(tmp_path / "tok")]) == 2
+    assert "replay:" in capsys.readouterr().err
