@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-cap", type=int, default=0, help="verify tokens per request (0 = 1 + depth*width)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent requests")
     parser.add_argument("--repeats", type=int, default=2, help="runs per point (best is reported)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep single-stream speculation over depth x width and report each")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
 
 
@@ -163,6 +165,13 @@ def run(args: argparse.Namespace) -> int:
         out["single_stream_spec"] = spec
         out["spec_speedup"] = round(spec["tokens_per_s"] / base["tokens_per_s"], 3)
         out["spec_speedup_cpu"] = round(spec["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 3)
+        if args.sweep:
+            out["spec_sweep"] = []
+            for d, w in [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2)]:
+                r = _best(lambda: run_point(target, draft, prompts[:1], args.new_tokens, d, w), args.repeats)
+                out["spec_sweep"].append({"depth": d, "width": w, "tokens_per_s": r["tokens_per_s"],
+                                          "tokens_per_cpu_s": r["tokens_per_cpu_s"],
+                                          "mean_accepted_per_verify": r["mean_accepted_per_verify"]})
     out["concurrent"] = {}
     for c in args.concurrency:
         point = {"plain": _best(lambda: run_point(target, None, prompts[:c], args.new_tokens), args.repeats)}

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-capacity-tokens", type=int, default=65536, help="KV slots of the profiled engine")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="largest forward the engine runs")
     parser.add_argument("--new-tokens", type=int, default=12, help="output tokens per request in an episode")
-    parser.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
+    parser.add_argument("--grid", choices=["full", "quick", "smoke"], default="full",
+                        help="sweep size: full (the profile), quick (~1/4), smoke (tests only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dump-rows", default=None, help="also write the raw (train, held-out) rows as JSON here")
 
@@ -95,8 +96,11 @@ def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: in
     return rows, accepted
 
 
-def grid(quick: bool, spec: bool):
+def grid(size: str, spec: bool):
     """(concurrency, prompt_len, chunk, depth, width) points of the training sweep."""
+    if size == "smoke":
+        return list(itertools.product([2], [16], [32], [(0, 1)] + [(2, 1)] * spec))
+    quick = size == "quick"
     conc = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32]
     plens = [16, 96] if quick else [16, 64, 160]
     chunks = [32, 512] if quick else [16, 64, 256, 1024]
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     engine = _engine(target, draft, args, draft is not None)  # the engine as deployed
     episode(engine, pool[:2], 4, 64, 0, 1, 1, 256)  # warm-up
     rows, acc_by_depth = [], {}
-    for conc, plen, chunk, (depth, width) in grid(args.quick, draft is not None):
+    for conc, plen, chunk, (depth, width) in grid(args.grid, draft is not None):
         prompts = [p[: min(plen, room)] for p in rng.sample(pool, conc)]
         got, acc = episode(engine, prompts, args.new_tokens, chunk, depth, width, 1 + depth * width,
                            args.max_batch_tokens)
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     # Held out: random mixes of every shape per step, other prompts and seeds.
     held_rng = random.Random(args.seed + 1000)
     held = []
-    for _ in range(4 if args.quick else 12):
+    for _ in range({"smoke": 1, "quick": 4}.get(args.grid, 12)):
         conc = held_rng.choice([1, 3, 6, 12, 24])
         prompts = [p[: held_rng.randint(8, room)] for p in held_rng.sample(pool, conc)]
         held += episode(engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=held_rng)[0][1:]
