@@ -30,20 +30,27 @@ def find_capacity(workload: str, hardware: str | Path, policy: str, *, target: f
                   definition: str = "slos_serve", start_rate: float = 2.0, min_rate: float = 0.05,
                   max_rate: float = 256.0, duration_s: float = 30.0, seed: int = 0, rel_tol: float = 0.05,
                   max_probes: int = 12, config: SimConfig = SimConfig(), max_context: int | None = None,
-                  scale_slos: bool = False, policy_overrides: dict | None = None) -> CapacityResult:
-    """Bisection over the arrival rate for `policy` on `workload` (attainment by `definition`)."""
+                  scale_slos: bool = False, policy_overrides: dict | None = None,
+                  seeds: int = 1) -> CapacityResult:
+    """Bisection over the arrival rate for `policy` on `workload` (attainment by `definition`).
+
+    seeds: workloads seed, seed + 1, ... are simulated at every rate and their attainments
+    averaged (less noise from one draw of arrivals and lengths, at that many times the cost)."""
     if definition not in ("slos_serve", "adaserve"):
         raise ValueError("definition must be slos_serve or adaserve")
-    if not 0 < target <= 1 or not 0 < min_rate <= start_rate <= max_rate:
-        raise ValueError("need 0 < target <= 1 and 0 < min_rate <= start_rate <= max_rate")
+    if not 0 < target <= 1 or not 0 < min_rate <= start_rate <= max_rate or seeds < 1:
+        raise ValueError("need 0 < target <= 1, 0 < min_rate <= start_rate <= max_rate and seeds >= 1")
     out = CapacityResult(policy, 0.0, None)
     key = f"attainment_{definition}"
 
     def attain(rate: float) -> float:
-        w = make_workload(workload, hardware, rate=rate, duration_s=duration_s, seed=seed, max_context=max_context,
-                          scale_slos=scale_slos)
-        res = simulate(w, hardware, policy, seed=seed, config=config, policy_overrides=policy_overrides)
-        a = summarize(res.records, res.window_s)["overall"][key] or 0.0
+        total = 0.0
+        for s in range(seed, seed + seeds):
+            w = make_workload(workload, hardware, rate=rate, duration_s=duration_s, seed=s, max_context=max_context,
+                              scale_slos=scale_slos)
+            res = simulate(w, hardware, policy, seed=s, config=config, policy_overrides=policy_overrides)
+            total += summarize(res.records, res.window_s)["overall"][key] or 0.0
+        a = total / seeds
         out.probes.append((rate, a))
         if a >= target and rate > out.rate:
             out.rate, out.attainment = rate, a

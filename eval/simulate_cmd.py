@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=float, default=0.9, help="attainment target of --sweep (default 0.9)")
     p.add_argument("--definition", default="slos_serve", choices=["slos_serve", "adaserve"],
                    help="attainment definition used by --sweep")
+    p.add_argument("--sweep-seeds", type=int, default=1, help="--sweep: average attainment over this many seeds")
     p.add_argument("--duration", type=float, default=None, help="arrival window, seconds (default: the workload's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-context", type=int, default=None, help="longest request in tokens (default: from the profile)")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                 c = find_capacity(args.workload, args.hardware, p, target=args.target, definition=args.definition,
                                   start_rate=w.rate, duration_s=w.duration_s, seed=args.seed,
                                   max_context=args.max_context, scale_slos=args.scale_slos,
-                                  policy_overrides=overrides)
+                                  policy_overrides=overrides, seeds=args.sweep_seeds)
                 capacity[p] = {"rate": c.rate, "attainment": c.attainment, "probes": c.probes}
     except (ValueError, TypeError, RuntimeError) as e:
         print(f"simulate: {e}", file=sys.stderr)
