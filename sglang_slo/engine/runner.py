@@ -40,7 +40,8 @@ class RequestResult:
     depth: int = 0
     """Depth of the verified tree."""
     draft_conf: float = 0.0
-    """Mean draft probability over the accepted nodes."""
+    """Mean draft probability q(token | path) along the verified tree's most likely deepest
+    path (accepted or not, so it is informative when nothing was accepted)."""
     error: str = ""
 
 
@@ -159,7 +160,8 @@ class ModelRunner:
             else:
                 vr = self._verify(r, v.tree, logits[o: o + n], argmax[o: o + n])
                 res.new_tokens, path = vr.tokens, vr.nodes
-                res.verified, res.accepted, res.depth, res.draft_conf = vr.verified, vr.accepted, vr.depth, vr.draft_conf
+                res.verified, res.accepted, res.depth = vr.verified, vr.accepted, vr.depth
+                res.draft_conf = _path_confidence(v.tree)
                 r.num_verifies += 1
                 r.num_accepted += vr.accepted
             o += n
@@ -240,3 +242,17 @@ class ModelRunner:
 
 def _root_candidates(w: DecodeWork) -> TreeCandidates:
     return TreeCandidates(path_prob=[1.0], parent=[-1], min_tokens=1.0, tree_cap=1)
+
+
+def _path_confidence(tree: DraftTree) -> float:
+    """Mean draft probability along the deepest, then most likely, root-to-leaf path."""
+    if tree.num_nodes <= 1:
+        return 0.0
+    depth, plp = tree.depth.tolist(), tree.path_logprob.tolist()
+    parents, dlp = tree.parents.tolist(), tree.draft_logprob.exp().tolist()
+    v = max(range(1, len(depth)), key=lambda n: (depth[n], plp[n]))
+    probs = []
+    while v > 0:
+        probs.append(dlp[v])
+        v = parents[v]
+    return sum(probs) / len(probs)
