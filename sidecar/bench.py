@@ -4,7 +4,9 @@
   64, 256, 1024, 4096 active requests (random class mixes, see sidecar/synthetic.py), each
   plan after a fresh IterationReport has been observed (observe time is reported apart).
 - Round trip: a real `python -m sidecar` subprocess on an ipc:// endpoint; the engine side
-  sends an IterationReport and waits for the Plan; p50/p99 of send -> plan received.
+  sends an IterationReport and waits for the Plan; p50/p99 of send -> plan received. Also the
+  same work in-process (decode, observe, plan, encode) to separate the sidecar's own cost
+  from transport and CPU-scheduling noise on a shared host.
 Targets (design): slo_unified p99 <= 1 ms at 256 and <= 10 ms at 4096; round trip p99 <= 0.2 ms.
 """
 
@@ -26,7 +28,7 @@ from sidecar.planner import Planner
 from sidecar.policies.base import policy_names
 from sidecar.synthetic import next_report, random_mix
 
-DEFAULT_HARDWARE = "configs/hardware/h100-llama3.1-8b-eagle3.yaml"
+DEFAULT_HARDWARE = str(Path(__file__).resolve().parent.parent / "configs/hardware/h100-llama3.1-8b-eagle3.yaml")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,32 @@ def bench_plan_latency(policy: str, hardware: str, n: int, iters: int, seed: int
             observe_s.append(obs_t)
             sizes.append(len(plan.decode) + len(plan.prefill))
     return {"plan": _ms(plan_s), "observe": _ms(observe_s), "mean_plan_entries": round(sum(sizes) / len(sizes), 1)}
+
+
+def bench_sidecar_work(hardware: str, policy: str, n_requests: int, iters: int, seed: int) -> dict:
+    """What the sidecar process does per round trip, in-process (no sockets, no scheduling
+    noise): decode the report frame, observe it, plan, encode the plan."""
+    profile = load_profile(hardware)
+    planner = Planner.create(policy, profile)
+    planner.observe(protos.EngineHello(
+        protos.PROTOCOL_VERSION, "bench", [protos.SpecMode.CHAIN], profile.engine.max_batch_tokens,
+        profile.engine.kv_capacity_tokens, profile.engine.max_depth, 1))
+    arrivals, report = random_mix(random.Random(seed), n_requests, kv_capacity_tokens=profile.engine.kv_capacity_tokens)
+    for a in arrivals:
+        planner.observe(a)
+    work = []
+    for i in range(iters + 10):
+        frame = protos.encode(report)
+        t0 = time.perf_counter()
+        msg = protos.decode(frame)
+        planner.observe(msg)
+        plan = planner.plan(msg.end_s, step=msg.step + 2)
+        protos.encode(plan)
+        dt = time.perf_counter() - t0
+        if i >= 10:
+            work.append(dt)
+        report = next_report(report, plan)
+    return _ms(work)
 
 
 def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int) -> dict:
@@ -167,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         for n in (int(x) for x in args.rt_requests.split(",") if x):
             iters = max(100, args.rt_iters * 64 // max(n, 64))
             r = out["zmq_roundtrip"][str(n)] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed)
+            r["sidecar_work_inprocess"] = bench_sidecar_work(args.hardware, args.rt_policy, n, iters, args.seed)
             if not args.json:
                 rt = r["roundtrip"]
                 print(f"round trip ({args.rt_policy}, {n} req): p50 {rt['p50_ms']:.3f} ms  p99 {rt['p99_ms']:.3f} ms", flush=True)
