@@ -19,14 +19,6 @@ _POLICY = "sglang.srt.managers.schedule_policy.SchedulePolicy"
 _SPEC = "sglang.srt.speculative.eagle_worker_v2.AdaptiveSpeculativeParams"
 
 
-def _is_leader() -> bool:
-    """TP/PP rank 0 of this scheduler group (the rank that reads sockets)."""
-    from sglang.srt.runtime_context import get_parallel
-
-    p = get_parallel()
-    return p.pp_rank == 0 and p.attn_tp_rank == 0 and p.attn_cp_rank == 0
-
-
 def route_planner_updates(result, self):
     """AFTER Scheduler.init_request_dispatcher: create the state; dispatch PlannerUpdate to it."""
     from sglang.utils import TypeBasedDispatcher
@@ -73,13 +65,13 @@ def order_queue_by_plan(original, self, waiting_queue, running_batch=None, proce
 
 def remember_plan_of_batch(result, self, batch, pp_proxy_tensors=None):
     """AFTER Scheduler.run_batch (rank 0): which plan built the launched batch."""
-    if _is_leader():
+    if self.slo_state.leader():
         self.slo_state.note_launch(batch)
 
 
 def report_iteration(result, self, batch, batch_result):
     """AFTER Scheduler.process_batch_result (rank 0): IterationReport to the planner."""
-    if _is_leader():
+    if self.slo_state.leader():
         self.slo_state.report(batch, batch_result)
 
 

@@ -44,6 +44,14 @@ SWEEP_S = 0.5  # seconds between scans for requests that left without a batch re
 _current: SloSchedulerState | None = None
 
 
+def is_leader() -> bool:
+    """TP/PP/CP rank 0 of this scheduler group: the rank that reads sockets and talks to the planner."""
+    from sglang.srt.runtime_context import get_parallel
+
+    p = get_parallel()
+    return p.pp_rank == 0 and p.attn_tp_rank == 0 and p.attn_cp_rank == 0
+
+
 def current_state() -> SloSchedulerState | None:
     """The state of this process's scheduler (None outside a scheduler process)."""
     return _current
@@ -69,10 +77,11 @@ class SloSchedulerState:
         self.step = 0  # engine iteration counter (IterationReport.step)
         self.tracked: dict[str, object] = {}  # rank 0: rid -> Req the planner knows about
         self._arrivals: list = []  # rank 0: Reqs to announce on the next poll
+        self._is_leader: bool | None = None  # resolved on first use (the rank is known by then)
         self._valid_until_s = float("inf")  # rank 0: expiry of the plan in force
         self._expire_sent = True
         self._last_sweep_s = 0.0
-        self.plan_of_launch: dict[int, PlanView | None] = {}  # forward_iter -> plan that built it
+        self.plan_of_launch: dict[int, tuple[PlanView | None, int]] = {}  # forward_iter -> (plan, draft depth)
         self.building_plan: PlanView | None = None  # plan in force while the next batch is built
         self._report_log = _open_log(os.environ.get(REPORT_LOG_ENV))
         self.reports_sent = 0
@@ -88,7 +97,14 @@ class SloSchedulerState:
         if err is not None:
             req.set_finish_with_abort(err, status_code=HTTPStatus.BAD_REQUEST)
             return
-        self._arrivals.append(req)
+        if self.endpoint is not None and self.leader():
+            self._arrivals.append(req)  # announced by the next poll (max_new_tokens is set by then)
+
+    def leader(self) -> bool:
+        """Whether this scheduler is its group's rank 0 (cached)."""
+        if self._is_leader is None:
+            self._is_leader = is_leader()
+        return self._is_leader
 
     def apply_update(self, update: PlannerUpdate) -> None:
         """Dispatcher handler (every rank, same order): install/expire the plan, apply shedding."""
@@ -117,8 +133,11 @@ class SloSchedulerState:
         return not view.wants_prefill()
 
     def note_launch(self, batch) -> None:
-        """Remember which plan built the batch SGLang just launched (for its report)."""
-        self.plan_of_launch[batch.forward_iter] = self.building_plan
+        """Remember which plan built the batch SGLang just launched, and the depth it drafted with.
+
+        Runs right after `run_batch`: the worker has activated this batch's depth tier by then.
+        """
+        self.plan_of_launch[batch.forward_iter] = (self.building_plan, self._current_depth())
 
     # ---------------------------------------------------------------- rank 0
 
@@ -154,7 +173,7 @@ class SloSchedulerState:
         sched = self.scheduler
         if self.link is None:
             return
-        plan = self.plan_of_launch.pop(batch.forward_iter, None)
+        plan, depth = self.plan_of_launch.pop(batch.forward_iter, (None, 0))
         plan_step = plan.step if plan is not None else -1
         report = build_report(
             batch,
@@ -164,7 +183,7 @@ class SloSchedulerState:
             end_s=now,
             kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
             waiting=len(sched.waiting_queue),
-            spec_depth=self._current_depth(),
+            spec_depth=depth,
         )
         if self.link.send(report, now):
             self.reports_sent += 1
@@ -182,6 +201,8 @@ class SloSchedulerState:
             "rids": [p.rid for p in report.progress], "waiting": report.waiting,
             "plan_prefill": dict(plan.prefill_tokens) if plan is not None else None,
             "plan_budget": plan.token_budget if plan is not None else None,
+            "plan_spec_depth": plan.spec_depth if plan is not None else None,
+            "draft_steps": report.draft_steps,
             "link_up": bool(self.link and self.link.up),
         }
         self._report_log.write(json.dumps(line) + "\n")
