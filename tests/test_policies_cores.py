@@ -253,12 +253,18 @@ def test_unified_think_stage_is_tighter_than_answer_stage():
     assert e[think.rid].min_tokens > e[answer.rid].min_tokens == 1.0
 
 
-def test_unified_rejects_nothing_admitted_and_sends_late_requests_to_best_effort():
+def test_unified_rejects_late_requests_but_keeps_agent_sessions_best_effort():
     rng = random.Random(8)
     st = make_state(rng, 10, 0, 3)
-    late = st.waiting()[0]
-    late.arrival_s = st.now_s - 5.0  # TTFT deadline long gone
+    late, late_call, fine = st.waiting()
+    late.arrival_s = late_call.arrival_s = st.now_s - 5.0  # TTFT deadlines long gone
+    late_call.session_id = "agent-1"
+    fine.arrival_s = st.now_s
+    fine.slo = protos.Slo(5.0, 0.1, slo_class="chat")
     plan = make_policy("slo_unified").plan(make_ctx(st))
     d = {x.rid: x.decision for x in plan.decisions}
-    assert d.get(late.rid, protos.Decision.BEST_EFFORT) == protos.Decision.BEST_EFFORT
-    assert all(v != protos.Decision.ADMIT for k, v in d.items() if k == late.rid)
+    assert d[late.rid] == protos.Decision.REJECT
+    assert d.get(late_call.rid, protos.Decision.BEST_EFFORT) == protos.Decision.BEST_EFFORT
+    assert d[fine.rid] == protos.Decision.ADMIT
+    keep = make_policy("slo_unified", reject_late=False).plan(make_ctx(st))
+    assert all(x.decision != protos.Decision.REJECT for x in keep.decisions)

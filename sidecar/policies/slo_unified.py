@@ -64,10 +64,14 @@ class UnifiedConfig:
     after the first token runs on a plan made before the request was decoding, and a tight
     TPOT leaves no room for a late start."""
     best_effort: bool = True
-    """Requests that cannot meet their TTFT run best effort instead of being rejected."""
+    """Requests that cannot meet their TTFT run best effort (else they are rejected)."""
+    reject_late: bool = True
+    """Reject late requests outright unless they belong to an agent session (rejecting a call
+    cancels the session's later calls, which may still meet their own SLOs): a hopeless
+    request's KV and its share of every iteration's KV reads go to requests that can make it."""
     new_token_ratio: float = 0.4
     """Share of remaining output reserved in KV on admission."""
-    ttft_frac: float = 0.25
+    ttft_frac: float = 0.15
     """Iterations stay below this share of the tightest TTFT seen in the last `ttft_memory_s`:
     a new request waits ~2 iterations (running + planned) before its prefill even starts."""
     ttft_memory_s: float = 5.0
@@ -293,6 +297,14 @@ class UnifiedPolicy(Policy):
                 decisions.append(protos.AdmissionDecision(r.rid, Decision.PREEMPT))
                 kv_left += r.kv_tokens + kv_need(r, cfg.new_token_ratio)
                 gone.add(r.rid)
+        if cfg.reject_late:
+            keep = []
+            for r in late:
+                if r.slo.best_effort or r.session_id:
+                    keep.append(r)
+                else:
+                    decisions.append(protos.AdmissionDecision(r.rid, Decision.REJECT))
+            late = keep
         if cfg.best_effort:
             late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=lambda r: r.seq)
             packing.kv_left = kv_left
