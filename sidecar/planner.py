@@ -44,6 +44,10 @@ class Planner:
         self.min_horizon_s = min_horizon_s
         self.skipped_unknown = 0
         """Messages about rids the planner does not know (logged, skipped)."""
+        self.enforce_contract = True
+        """Repair plans that break the policy contract (logged; counted in contract_fixes)."""
+        self.contract_fixes = 0
+        """Plans the planner had to repair."""
         self.defer_upkeep = False
         """True: slow model upkeep (cost refit) waits for `upkeep()` instead of running in observe()."""
         self._inflight: list[protos.Plan] = []
@@ -166,6 +170,8 @@ class Planner:
         ctx = PlanContext(state=st, cost=self.cost, acceptance=self.acceptance, now_s=now_s, step=step)
         plan = self.policy.plan(ctx)
         self._apply_decisions(plan)
+        if self.enforce_contract:
+            self._enforce_contract(plan)
         plan.step = step
         plan.based_on_step = st.step
         if plan.valid_until_s <= now_s:
@@ -179,9 +185,13 @@ class Planner:
 
     def _apply_decisions(self, plan: protos.Plan) -> None:
         requests = self.state.requests
+        dropped = 0
         for d in plan.decisions:
             req: ReqState | None = requests.get(d.rid)
             if req is None:
+                continue
+            if req.is_admitted and d.decision in (Decision.DEFER, Decision.REJECT):
+                dropped += 1  # contract: an admitted request stays admitted
                 continue
             if d.decision == Decision.REJECT:
                 req.decision = Decision.REJECT  # the engine fails it; RequestFinished removes it
@@ -189,6 +199,79 @@ class Planner:
                 req.preempted(req.cached_prefix_tokens)  # KV freed; prompt + output recomputed later
             else:
                 req.decision = Decision(d.decision)
+        if dropped:
+            plan.decisions = [
+                d for d in plan.decisions
+                if not (d.decision in (Decision.DEFER, Decision.REJECT) and d.rid in requests and requests[d.rid].is_admitted)
+            ]
+            self._contract_fix(f"{dropped} DEFER/REJECT decision(s) for admitted requests dropped")
+
+    def _enforce_contract(self, plan: protos.Plan) -> None:
+        """Repair a plan that breaks the policy contract (policies/base.py), so a policy bug
+        costs quality, not requests: chunks only for admitted requests and at most their
+        remaining prefill; one decode entry (tree_cap >= 1) per decoding request, none for
+        others; prefill + one token per decode entry within the budget, and the budget within
+        the engine's max_batch_tokens (unless the decode entries alone exceed it). O(n)."""
+        requests = self.state.requests
+        admit, best = Decision.ADMIT, Decision.BEST_EFFORT
+        fixes = []
+        chunks = []
+        for c in plan.prefill:
+            r = requests.get(c.rid)
+            rest = 0 if r is None or not (r.decision is admit or r.decision is best) else r.prompt_tokens - r.prefilled
+            if c.tokens > rest or c.tokens <= 0:
+                fixes.append(f"chunk {c.rid}:{c.tokens} (remaining {rest})")
+                if rest > 0 and c.tokens > 0:
+                    chunks.append(protos.PrefillChunk(c.rid, rest))
+            else:
+                chunks.append(c)
+        seen = set()
+        decode = []
+        for e in plan.decode:
+            r = requests.get(e.rid)
+            if r is None or e.rid in seen or not (r.decision is admit or r.decision is best) or r.prefilled < r.prompt_tokens:
+                fixes.append(f"decode entry {e.rid}")
+                continue
+            seen.add(e.rid)
+            if e.tree_cap < 1:
+                e.tree_cap = 1
+            decode.append(e)
+        n_decoding = 0
+        for r in requests.values():
+            if (r.decision is admit or r.decision is best) and r.prefilled >= r.prompt_tokens:
+                n_decoding += 1
+        if n_decoding != len(decode):
+            for r in requests.values():
+                if (r.decision is admit or r.decision is best) and r.prefilled >= r.prompt_tokens and r.rid not in seen:
+                    decode.append(protos.DecodeEntry(r.rid))
+                    fixes.append(f"missing decode entry {r.rid}")
+        if plan.token_budget < len(decode):
+            fixes.append(f"budget {plan.token_budget} < {len(decode)} decode entries")
+            plan.token_budget = len(decode)
+        cap = max(self.state.limits.max_batch_tokens, len(decode))
+        if plan.token_budget > cap:
+            fixes.append(f"budget {plan.token_budget} > engine max_batch_tokens {cap}")
+            plan.token_budget = cap
+        room = plan.token_budget - len(decode)
+        total = 0
+        for i, c in enumerate(chunks):
+            if total + c.tokens > room:
+                fixes.append(f"prefill over budget from {c.rid}")
+                if room - total > 0:
+                    chunks[i] = protos.PrefillChunk(c.rid, room - total)
+                    i += 1
+                del chunks[i:]
+                break
+            total += c.tokens
+        if fixes:
+            plan.prefill, plan.decode = chunks, decode
+            self._contract_fix("; ".join(fixes[:5]) + (f" (+{len(fixes) - 5} more)" if len(fixes) > 5 else ""))
+
+    def _contract_fix(self, what: str) -> None:
+        self.contract_fixes += 1
+        if self.contract_fixes <= 10 or self.contract_fixes % 1000 == 0:
+            log.warning("planner: policy %s broke the plan contract (%d plans so far): %s",
+                        self.policy.name, self.contract_fixes, what)
 
     def _horizon_s(self, plan: protos.Plan) -> float:
         """Validity horizon: `horizon_iters` predicted iterations of this plan (one pass)."""

@@ -153,3 +153,34 @@ def test_register_policy_and_missing_module_errors():
     assert isinstance(make_policy("fcfs_k1"), FcfsPolicy)
     with pytest.raises(ValueError, match="unknown policy"):
         Planner.create("does-not-exist", HW)
+
+
+class _BrokenPolicy(FcfsPolicy):
+    """Breaks every rule of the contract."""
+
+    name = "broken"
+
+    def plan(self, ctx):
+        rids = list(ctx.state.requests)
+        return m.Plan(
+            step=0, valid_until_s=0.0, token_budget=1,
+            prefill=[m.PrefillChunk("ghost", 5), m.PrefillChunk(rids[1], 10_000), m.PrefillChunk(rids[2], 3)],
+            decode=[m.DecodeEntry(rids[1]), m.DecodeEntry(rids[0], tree_cap=0), m.DecodeEntry(rids[0])],
+            decisions=[m.AdmissionDecision(rids[0], D.REJECT), m.AdmissionDecision(rids[1], D.ADMIT)],
+        )
+
+
+def test_plans_that_break_the_contract_are_repaired(planner):
+    register_policy("broken", lambda **kw: _BrokenPolicy())
+    p = Planner.create("broken", HW)
+    p.observe(hello())
+    for rid, prompt in (("run", 10), ("new", 100), ("wait", 50)):
+        p.observe(arrived(rid, prompt=prompt))
+    p.observe(report(0, 0.1, [m.RequestProgress("run", 10, 3)]))
+    plan = p.plan(0.1)
+    assert p.contract_fixes == 2  # the decisions, then the rest
+    assert [(d.rid, d.decision) for d in plan.decisions] == [("new", D.ADMIT)]  # REJECT of a running one dropped
+    assert p.state.requests["run"].is_decoding
+    assert [(e.rid, e.tree_cap) for e in plan.decode] == [("run", 1)]
+    assert sum(c.tokens for c in plan.prefill) + len(plan.decode) <= plan.token_budget
+    assert plan.token_budget == 1 and plan.prefill == []  # ghost, not-admitted and over-budget chunks dropped

@@ -107,3 +107,4 @@ def test_random_message_sequences_never_break_the_planner(policy, seed, ops):
             planner.observe(m.EngineHello(m.PROTOCOL_VERSION, "fuzz", [m.SpecMode.CHAIN], 512, 20_000, 4, 1))
     # The planner's view of in-flight requests never includes finished ones.
     assert all(rid in engine.reqs for rid in planner.state.requests)
+    assert planner.contract_fixes == 0

@@ -66,6 +66,7 @@ def _build(planner: Planner, reqs: list[dict], kv_free: int) -> None:
 
 def check_invariants(planner: Planner, before: dict[str, tuple], plan: m.Plan, max_batch_tokens: int) -> None:
     """The contract of sidecar/policies/base.py, checked against the pre-plan snapshot."""
+    assert planner.contract_fixes == 0, "the policy relied on the planner's repair"
     decisions = {d.rid: d.decision for d in plan.decisions}
     assert len(decisions) == len(plan.decisions), "one decision per request"
     n_decode = len(plan.decode)
