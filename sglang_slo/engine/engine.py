@@ -71,7 +71,8 @@ class StepOutput:
     """Output tokens committed this step, by request id."""
     finished: list[FinishedRequest] = field(default_factory=list)
     events: list[protos.Message] = field(default_factory=list)
-    """Protocol messages for the planner: RequestFinished ..., then the IterationReport."""
+    """Protocol messages for the planner, in order: RequestFinished of aborts since the last
+    step, the IterationReport, then RequestFinished of requests that ended in this step."""
     report: protos.IterationReport | None = None
 
 
@@ -166,13 +167,16 @@ class Engine:
         return self._postprocess(batch, run, start)
 
     def _postprocess(self, batch: ScheduledBatch, run: RunOutput, start: float) -> StepOutput:
-        out = StepOutput(events=self._pending)
-        self._pending = []
+        """Commit tokens, finish requests, build the report.
+
+        Event order: aborts since the last step, the IterationReport (whose progress still
+        names the requests finishing now), then this step's RequestFinished events.
+        """
+        out = StepOutput()
         now = self.clock()
-        for req in batch.rejected:
-            out.events.append(self._finish(req, FinishReason.REJECTED, "rejected by admission control", now))
-        for req, why in batch.failed:
-            out.events.append(self._finish(req, FinishReason.ERROR, why, now))
+        finished = [self._finish(req, FinishReason.REJECTED, "rejected by admission control", now)
+                    for req in batch.rejected]
+        finished += [self._finish(req, FinishReason.ERROR, why, now) for req, why in batch.failed]
         progress = []
         for rid, res in run.results.items():
             req = self.requests.get(rid)
@@ -180,7 +184,7 @@ class Engine:
                 continue
             if res.error:
                 self._scrub_kv(req)
-                out.events.append(self._finish(req, FinishReason.ERROR, res.error, now))
+                finished.append(self._finish(req, FinishReason.ERROR, res.error, now))
                 continue
             tokens = self._append(req, res.new_tokens, now)
             if tokens:
@@ -191,17 +195,17 @@ class Engine:
                 depth=res.depth, draft_conf=res.draft_conf, first_token_s=req.first_token_s))
             reason = self._stop_reason(req)
             if reason is not None:
-                out.events.append(self._finish(req, reason, "", now))
-        out.finished = [FinishedRequest(e.rid, e.reason, self._outputs.pop(e.rid, []), e.message)
-                        for e in out.events if isinstance(e, protos.RequestFinished)]
-        end = self.clock()
+                finished.append(self._finish(req, reason, "", now))
         out.report = protos.IterationReport(
-            step=self.step_index, start_s=start, end_s=end, plan_step=batch.plan_step,
+            step=self.step_index, start_s=start, end_s=self.clock(), plan_step=batch.plan_step,
             prefill_tokens=run.prefill_tokens, verify_tokens=run.verify_tokens,
             draft_steps=run.draft_steps, context_tokens=run.context_tokens,
             kv_free_tokens=self.tables.free_tokens, progress=progress,
             waiting=len(self.scheduler.waiting), forward_s=run.model_s)
-        out.events.append(out.report)
+        out.events = [*self._pending, out.report, *finished]
+        out.finished = [FinishedRequest(e.rid, e.reason, self._outputs.pop(e.rid, []), e.message)
+                        for e in out.events if isinstance(e, protos.RequestFinished)]
+        self._pending = []
         self.step_index += 1
         return out
 
