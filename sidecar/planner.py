@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from sidecar.state import PlannerState, ReqState
 log = logging.getLogger(__name__)
 
 Decision = protos.Decision
+_rid_of = attrgetter("rid")
+_cap_of = attrgetter("tree_cap")
 
 
 class Planner:
@@ -211,10 +214,29 @@ class Planner:
         costs quality, not requests: chunks only for admitted requests and at most their
         remaining prefill; one decode entry (tree_cap >= 1) per decoding request, none for
         others; prefill + one token per decode entry within the budget, and the budget within
-        the engine's max_batch_tokens (unless the decode entries alone exceed it). O(n)."""
+        the engine's max_batch_tokens (unless the decode entries alone exceed it).
+        O(n) with set operations on the common (valid) path."""
         requests = self.state.requests
         admit, best = Decision.ADMIT, Decision.BEST_EFFORT
-        fixes = []
+        fixes: list[str] = []
+        decoding = {
+            rid for rid, r in requests.items()
+            if (r.decision is admit or r.decision is best) and r.prefilled >= r.prompt_tokens
+        }
+        decode = plan.decode
+        entry_rids = set(map(_rid_of, decode))
+        if len(entry_rids) != len(decode) or entry_rids != decoding or (decode and min(map(_cap_of, decode)) < 1):
+            kept, seen = [], set()
+            for e in decode:
+                if e.rid in decoding and e.rid not in seen:
+                    seen.add(e.rid)
+                    if e.tree_cap < 1:
+                        e.tree_cap = 1
+                    kept.append(e)
+            missing = [rid for rid in decoding if rid not in seen]
+            kept.extend(protos.DecodeEntry(rid) for rid in missing)
+            fixes.append(f"decode entries: {len(decode) - len(seen)} dropped, {len(missing)} missing added")
+            decode = kept
         chunks = []
         for c in plan.prefill:
             r = requests.get(c.rid)
@@ -225,26 +247,6 @@ class Planner:
                     chunks.append(protos.PrefillChunk(c.rid, rest))
             else:
                 chunks.append(c)
-        seen = set()
-        decode = []
-        for e in plan.decode:
-            r = requests.get(e.rid)
-            if r is None or e.rid in seen or not (r.decision is admit or r.decision is best) or r.prefilled < r.prompt_tokens:
-                fixes.append(f"decode entry {e.rid}")
-                continue
-            seen.add(e.rid)
-            if e.tree_cap < 1:
-                e.tree_cap = 1
-            decode.append(e)
-        n_decoding = 0
-        for r in requests.values():
-            if (r.decision is admit or r.decision is best) and r.prefilled >= r.prompt_tokens:
-                n_decoding += 1
-        if n_decoding != len(decode):
-            for r in requests.values():
-                if (r.decision is admit or r.decision is best) and r.prefilled >= r.prompt_tokens and r.rid not in seen:
-                    decode.append(protos.DecodeEntry(r.rid))
-                    fixes.append(f"missing decode entry {r.rid}")
         if plan.token_budget < len(decode):
             fixes.append(f"budget {plan.token_budget} < {len(decode)} decode entries")
             plan.token_budget = len(decode)
