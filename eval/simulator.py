@@ -111,6 +111,7 @@ class Simulator:
         self.now = 0.0
         self.step = 0
         self.plan: protos.Plan | None = None
+        self._preempted: list[SimRequest] = []  # preempted since the last report
         self.stats = dict(iterations=0, plan_iterations=0, fallback_iterations=0, idle_ticks=0,
                           preemptions=0, prefix_hits=0, prefix_tokens_reused=0, verified=0,
                           accepted=0, spec_verifies=0, busy_s=0.0, peak_kv_frac=0.0)
@@ -219,6 +220,7 @@ class Simulator:
                 for r in batch.failed:
                     self._finish(r, Outcome.FAILED, protos.FinishReason.ERROR, msgs)
                 self.stats["preemptions"] += len(batch.preempted)
+                self._preempted.extend(batch.preempted)  # reported with the next report
                 if batch.is_empty:
                     self._send(msgs)
                     nxt = self.pending[0][0] if self.pending else float("inf")
@@ -238,6 +240,7 @@ class Simulator:
                     held = self._report(start, self.now, progress, batch)
                 else:
                     self.step += 1
+                    self._preempted.clear()
         finally:
             if self.link:
                 self.link.close()
@@ -255,9 +258,10 @@ class Simulator:
 
     def _report(self, start: float, end: float, progress: list, batch: Batch, idle: bool = False) -> protos.Plan | None:
         """Send IterationReport `self.step` (an idle report when nothing ran); return the plan."""
-        for r in batch.preempted:  # the planner must learn that their KV is gone
+        for r in self._preempted:  # the planner must learn that their KV is gone
             if r.status is not Status.DONE and all(p.rid != r.rid for p in progress):
                 progress.append(self._progress(r, 0, 0, 0, 0, 0.0))
+        self._preempted.clear()
         rep = protos.IterationReport(
             step=self.step, start_s=start, end_s=end, plan_step=batch.plan_step,
             prefill_tokens=batch.prefill_tokens, verify_tokens=self._last_verify if progress and end > start else 0,
