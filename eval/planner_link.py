@@ -55,10 +55,12 @@ class ZmqLink:
     """A `python -m sidecar` subprocess on a fresh ipc:// endpoint; we are its DEALER engine."""
 
     def __init__(self, policy: str, hardware: str | Path, hello: protos.EngineHello,
-                 timeout_s: float = 10.0, overrides: dict | None = None):
-        """timeout_s: how long to wait for the welcome and for each plan (then: fallback)."""
+                 timeout_s: float = 30.0, overrides: dict | None = None, start_timeout_s: float = 120.0):
+        """timeout_s: how long to wait for each plan (then: fallback, logged and counted);
+        start_timeout_s: for the sidecar to start and welcome us (a loaded machine is slow)."""
         self.endpoint = ipc_endpoint("sim")
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self.plan_latency_s = 0.0
         self.plan_failures = 0
         cmd = [sys.executable, "-m", "sidecar", "--endpoint", self.endpoint, "--policy", policy,
@@ -77,7 +79,7 @@ class ZmqLink:
             raise
 
     def _handshake(self, hello: protos.EngineHello) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
@@ -88,7 +90,7 @@ class ZmqLink:
                     raise RuntimeError(f"sidecar refused the simulated engine: {msg.reason}")
                 self.chan.drain()  # welcomes to our resent hellos
                 return
-        raise RuntimeError(f"no PlannerWelcome from the sidecar within {self.timeout_s:.0f} s")
+        raise RuntimeError(f"no PlannerWelcome from the sidecar within {self.start_timeout_s:.0f} s")
 
     def send(self, msg: protos.Message) -> None:
         if not self.chan.send(msg):
