@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,8 +70,9 @@ class ZmqLink:
             cmd += ["--set", f"{k}={v}"]
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        # Output to a file, never a pipe: a chatty sidecar must not block on a full pipe.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.chan = EngineChannel(self.endpoint)
         try:
             self._handshake(hello)
@@ -82,7 +84,7 @@ class ZmqLink:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self._log_tail()}")
             self.chan.send(hello)  # IMMEDIATE: dropped until the planner has bound; resend
             msg = self.chan.recv(200)
             if isinstance(msg, protos.PlannerWelcome):
@@ -105,10 +107,14 @@ class ZmqLink:
                 self.plan_latency_s += msg.plan_latency_s
                 return msg
             if msg is None and self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self._log_tail()}")
         log.warning("no plan from the sidecar within %.0f s of report %d: fallback", self.timeout_s, report.step)
         self.plan_failures += 1
         return None
+
+    def _log_tail(self, chars: int = 2000) -> str:
+        self.log.seek(0)
+        return self.log.read()[-chars:]
 
     def close(self) -> None:
         self.chan.close()
@@ -119,3 +125,4 @@ class ZmqLink:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
