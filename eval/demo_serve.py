@@ -207,7 +207,13 @@ class PolicyRun:
     """eval.metrics.summarize of the simulator on the CPU profile (None: no profile)."""
     replay_stats: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    """Replay wall time, seconds."""
     startup_s: float = 0.0
+    """Server start-up until /health answered, seconds."""
+    unloaded_tpot_s: float = 0.0
+    """This server's own warm-up TPOT, seconds (the trace's SLOs use the first server's)."""
+    error: str = ""
+    """Why this policy has no results ('' = it ran)."""
 
 
 def _simulate(w: Workload, hardware: Path, policy: str) -> dict:
@@ -258,6 +264,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def check_policy(name: str) -> None:
+    """ValueError if the planner has no policy `name` (before a server is started for it)."""
+    from sidecar.policies.base import make_policy
+
+    make_policy(name)
+
+
 def resolve_model_dir(model_dir: str | Path | None) -> Path:
     """The tiny pair: `model_dir` (trained there if missing), else the committed one, else models/tiny."""
     from sglang_slo.engine.train_tiny import ensure_tiny_pair
@@ -277,8 +290,9 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
                           unloaded_tpot_s: float | None = None, log=print) -> dict:
     """Replay one trace against the real server under each policy; measured vs simulated attainment.
 
-    policies: planner policies, in order (the first one's server also measures the unloaded TPOT
-    unless `unloaded_tpot_s`, seconds, is given). rate: arrivals (agent loops count once) per
+    policies: planner policies, in order; every server gets the same warm-up, which measures its
+    unloaded TPOT, and the first one's scales the trace's SLOs (unless `unloaded_tpot_s`, seconds,
+    is given). A policy whose server fails is reported and skipped (RuntimeError if all fail). rate: arrivals (agent loops count once) per
     second over `duration_s` seconds; max_duration_s: per-policy replay limit. hardware: the
     CPU hardware profile for the servers' planner and the simulator (default
     configs/hardware/cpu-tiny.yaml; without one the servers use their default and no
@@ -297,42 +311,54 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
 
     prompts = PromptTexts(Tokenizer.load(model / "target"))
     runs: list[PolicyRun] = []
+    failed: list[PolicyRun] = []
     w: Workload | None = None
-    for i, policy in enumerate(policies):
+    for policy in policies:
         t0 = time.monotonic()
-        with ServerProcess(model, policy, out / "logs" / f"served-{policy}.log", hardware=hw,
-                           unloaded_tpot_s=unloaded_tpot_s) as srv:
-            startup = time.monotonic() - t0
-            if w is None:
-                if unloaded_tpot_s is None:
-                    unloaded_tpot_s = measure_unloaded_tpot(srv.url, prompts)
-                    log(f"served demo: unloaded TPOT {unloaded_tpot_s * 1000:.1f} ms (measured on {policy})")
-                w = demo_trace(unloaded_tpot_s, rate=rate, duration_s=duration_s, seed=seed)
-                log(f"served demo: {len(w.requests)} requests, {rate:g} arrivals/s over {duration_s:g} s")
-            else:
-                measure_unloaded_tpot(srv.url, prompts, requests=1)  # same warm-up as the first server
-            res: ReplayResult = replay_sync(w, ClientConfig(base_url=srv.url), prompts,
-                                            ReplayConfig(max_duration_s=max_duration_s))
+        try:
+            check_policy(policy)
+            with ServerProcess(model, policy, out / "logs" / f"served-{policy}.log", hardware=hw,
+                               unloaded_tpot_s=unloaded_tpot_s) as srv:
+                startup = time.monotonic() - t0
+                own_tpot = measure_unloaded_tpot(srv.url, prompts)  # every server gets the same warm-up
+                if w is None:
+                    if unloaded_tpot_s is None:
+                        unloaded_tpot_s = own_tpot
+                        log(f"served demo: unloaded TPOT {own_tpot * 1000:.1f} ms (measured on {policy})")
+                    w = demo_trace(unloaded_tpot_s, rate=rate, duration_s=duration_s, seed=seed)
+                    log(f"served demo: {len(w.requests)} requests, {rate:g} arrivals/s over {duration_s:g} s")
+                res: ReplayResult = replay_sync(w, ClientConfig(base_url=srv.url), prompts,
+                                                ReplayConfig(max_duration_s=max_duration_s))
+        except (ValueError, RuntimeError, TimeoutError, OSError) as e:  # one policy failed: keep going
+            log(f"served demo: {policy}: FAILED: {str(e)[:2000]}")
+            failed.append(PolicyRun(policy, {}, None, error=str(e)[:2000]))
+            continue
         measured = summarize(res.records, res.window_s)
         simulated = _simulate(w, hw, policy) if hw is not None else None
-        run = PolicyRun(policy, measured, simulated, res.stats, res.elapsed_s, startup)
+        run = PolicyRun(policy, measured, simulated, res.stats, res.elapsed_s, startup, own_tpot)
         runs.append(run)
         o = measured["overall"]
         log(f"served demo: {policy}: SLOs-Serve {_pct(o['attainment_slos_serve'])}, AdaServe "
-            f"{_pct(o['attainment_adaserve'])}, {res.stats['outcomes']} in {res.elapsed_s:.0f} s"
+            f"{_pct(o['attainment_adaserve'])}, {res.stats['outcomes']} in {res.elapsed_s:.0f} s "
+            f"(warm-up TPOT {own_tpot * 1000:.1f} ms)"
             + ("" if simulated is None else f"; simulator predicts SLOs-Serve "
                f"{_pct(simulated['overall']['attainment_slos_serve'])}"))
+    if not runs:
+        raise RuntimeError("no policy's server ran: " + "; ".join(f"{r.policy}: {r.error[:300]}" for r in failed))
     header, rows = side_by_side(runs)
     table = text_table(header, rows)
     note = ("" if hw is not None else "no CPU hardware profile (configs/hardware/cpu-tiny.yaml; make it with "
             "`sglang-slo profile`): simulator columns empty")
+    if failed:
+        why = [f"{r.policy} did not run: {(r.error.splitlines() or ['?'])[0][:200]}" for r in failed]
+        note = "; ".join([note] * bool(note) + why)
     head = (f"tiny pair {model}; {len(w.requests)} requests ({rate:g} arrivals/s over {duration_s:g} s, seed {seed}); "
             f"unloaded TPOT {unloaded_tpot_s * 1000:.1f} ms; SLOs = m x unloaded TPOT; hardware profile "
             f"{hw.name if hw else 'none'}")
     log("\n== served comparison: " + head + ("\n" + note if note else "") + "\n" + table)
     doc = {"policies": list(policies), "model_dir": str(model), "hardware": str(hw) if hw else None,
            "unloaded_tpot_s": unloaded_tpot_s, "rate": rate, "duration_s": duration_s, "seed": seed,
-           "requests": len(w.requests), "runs": [asdict(r) for r in runs],
+           "requests": len(w.requests), "runs": [asdict(r) for r in runs + failed],
            "wall_s": time.monotonic() - t_start}
     (out / "served_demo.json").write_text(json.dumps(doc, indent=1))
     md = ["# Served comparison: real `sglang-slo serve` per policy vs the simulator", "", head, "",

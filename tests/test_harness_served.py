@@ -119,3 +119,19 @@ def test_demo_trace_fits_the_tiny_context_and_scales_slos():
                                             "prompt": {"dist": "fixed", "value": 200},
                                             "output": {"dist": "fixed", "value": 100}}]}
         demo_trace(0.01, spec=spec)
+
+
+def test_a_policy_that_cannot_run_is_reported_not_fatal(pair, tmp_path):
+    lines = []
+    with pytest.raises(RuntimeError, match="no-such-policy"):
+        run_served_comparison(("no-such-policy",), model_dir=pair, out_dir=tmp_path, rate=1.0, duration_s=1.0,
+                              log=lines.append)
+    assert any("FAILED" in x and "unknown policy" in x for x in lines)
+
+
+def test_server_that_exits_is_a_clear_error(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "draft").mkdir()
+    with pytest.raises(RuntimeError, match="server exited"):
+        with ServerProcess(tmp_path, "fcfs", tmp_path / "server.log"):
+            pass
