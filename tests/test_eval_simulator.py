@@ -190,3 +190,11 @@ def test_batch_wide_spec_depth_overrides_entries():
     assert (b.decodes[0].depth, b.decodes[0].tree_cap) == (5, 6)
     stale = sched.schedule(Plan(step=3, valid_until_s=-1.0, token_budget=64, decode=[]), 0.0)
     assert stale.plan_step == -1 and stale.decodes[0].depth == 2  # fallback: last planned entry
+
+
+def test_unknown_policy_is_a_clear_error_in_process_and_over_zmq():
+    w = small_mixed(duration=1.0)
+    with pytest.raises(ValueError, match="unknown policy"):
+        simulate(w, H100, "no-such-policy")
+    with pytest.raises(RuntimeError, match="unknown policy"):  # the sidecar process exits with its reason
+        simulate(w, H100, "no-such-policy", over_zmq=True)
