@@ -69,7 +69,7 @@ class UnifiedConfig:
     """Reject late requests outright unless they belong to an agent session (rejecting a call
     cancels the session's later calls, which may still meet their own SLOs): a hopeless
     request's KV and its share of every iteration's KV reads go to requests that can make it."""
-    new_token_ratio: float = 0.4
+    new_token_ratio: float = 0.2
     """Share of remaining output reserved in KV on admission."""
     ttft_frac: float = 0.15
     """Iterations stay below this share of the tightest TTFT seen in the last `ttft_memory_s`:
@@ -285,7 +285,7 @@ class UnifiedPolicy(Policy):
             steps = int(nodes.max(initial=1)) - 1
             if decode_tokens + p_req > b_max:
                 b_max = min(b_stretch, decode_tokens + p_req)
-        room = b_max - decode_tokens
+        room = _prefill_room(cost, b_max - decode_tokens, b_max, decode_tokens, steps, context, n_all)
         packing = pack(edf, room, kv_left, cfg.new_token_ratio, preadmitted={r.rid for r in admitted_now})
 
         # ---- best-effort tier: preempt under KV pressure, else leftovers ------------------
@@ -355,6 +355,21 @@ class UnifiedPolicy(Policy):
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()))) if t_ok.size else t_floor
+
+
+def _prefill_room(cost, room: int, b_max: int, decode: int, steps: int, context: int, n_all: int) -> int:
+    """Shrink `room` prefill tokens until the iteration, with the prefill^2 attention term that
+    max_tokens_within leaves out, takes no longer than a b_max-token batch would without it."""
+    if room <= 0:
+        return 0
+    target = cost.iteration_time(0, b_max, steps, context, decode - n_all)
+    for _ in range(4):
+        t = cost.iteration_time(room, decode, steps, context, decode - n_all)
+        if t <= target * 1.001:
+            break
+        t_dec = cost.iteration_time(0, decode, steps, context, decode - n_all)
+        room = int(room * max(0.0, target - t_dec) / max(1e-9, t - t_dec))
+    return max(0, room)
 
 
 def make(**overrides) -> UnifiedPolicy:
