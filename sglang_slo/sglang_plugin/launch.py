@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default=None, help="hardware profile YAML for the planner's cost model")
     p.add_argument("--planner-endpoint", default=None,
                    help="use an already running planner at this ZMQ endpoint instead of starting one")
+    p.add_argument("--planner-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy config override passed to the sidecar (--set), repeatable")
     p.add_argument("--no-planner", action="store_true",
                    help="start no planner: the plugin attaches SLOs but SGLang schedules on its own")
     p.add_argument("--edf-fallback", action="store_true",
@@ -79,6 +81,15 @@ def sglang_command(args: argparse.Namespace, tiers_path: str | None = None) -> l
     if extra[:1] == ["--"]:
         extra = extra[1:]
     return cmd + extra
+
+
+def parse_tiers(text: str) -> list[int]:
+    """'0,1,3' -> [0, 1, 3]; ValueError naming --spec-tiers on anything else."""
+    try:
+        tiers = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--spec-tiers needs comma-separated non-negative depths, got {text!r}") from None
+    return tiers
 
 
 def write_tier_config(tiers: list[int], directory: str) -> str:
@@ -117,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     tiers_path = None
     if args.spec_tiers:
         try:
-            tiers_path = write_tier_config([int(t) for t in args.spec_tiers.split(",")], workdir)
+            tiers_path = write_tier_config(parse_tiers(args.spec_tiers), workdir)
         except ValueError as e:
             print(f"sglang-slo serve: {e}", file=sys.stderr)
             return 2
@@ -140,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.hardware:
                 print("sglang-slo serve: --hardware PROFILE.yaml is required to start the planner", file=sys.stderr)
                 return 2
-            supervisor = SidecarSupervisor(endpoint, args.policy, args.hardware, log_path=args.sidecar_log)
+            extra = [a for kv in args.planner_set for a in ("--set", kv)]
+            supervisor = SidecarSupervisor(endpoint, args.policy, args.hardware, extra_args=extra,
+                                           log_path=args.sidecar_log)
             supervisor.start()
 
     server = subprocess.Popen(sglang_command(args, tiers_path), env=env)

@@ -229,7 +229,10 @@ class SloSchedulerState:
         )
 
     def _rejections(self, plan, now: float) -> list:
-        """AbortReqs for REJECT decisions (they ride the broadcast like SGLang's timeout aborts)."""
+        """AbortReqs for REJECT decisions (they ride the broadcast like SGLang's timeout aborts).
+
+        HTTP 429, the project's status for admission-control rejections (clients may retry).
+        """
         from sglang.srt.managers.io_struct import AbortReq
 
         out = []
@@ -241,7 +244,7 @@ class SloSchedulerState:
                 AbortReq(
                     rid=d.rid,
                     abort_message=msg,
-                    finished_reason={"type": "abort", "status_code": HTTPStatus.SERVICE_UNAVAILABLE, "message": msg},
+                    finished_reason={"type": "abort", "status_code": HTTPStatus.TOO_MANY_REQUESTS, "message": msg},
                 )
             )
             self.rejected += 1

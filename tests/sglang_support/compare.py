@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-duration", type=float, default=120.0, help="per-run replay limit, seconds")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--planner-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="slo_unified config override for the plugin run (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     args = p.parse_args(argv)
 
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, plugin in (("sglang_default", False), ("sglang_plugin_slo_unified", True)):
         (work / name).mkdir(exist_ok=True)
         srv = SglangCpuServer(model, plugin=plugin, policy="slo_unified", workdir=work / name,
-                              extra_args=("--enable-priority-scheduling",) if plugin else ()).start()
+                              extra_args=("--enable-priority-scheduling",) if plugin else (),
+                              planner_set=tuple(args.planner_set)).start()
         try:
             if trace is None:
                 unloaded = measure_unloaded_tpot(srv.url, prompts)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
     doc = {"engine": "SGLang 0.5.23 CPU, tiny Llama (2x64, fp32), torch_native, no speculation",
            "unloaded_tpot_s": unloaded, "rate": args.rate, "duration_s": args.duration, "seed": args.seed,
-           "requests": len(trace.requests), "runs": runs, "wall_s": round(time.monotonic() - t0, 1), "workdir": str(work)}
+           "requests": len(trace.requests), "planner_set": args.planner_set, "runs": runs, "wall_s": round(time.monotonic() - t0, 1), "workdir": str(work)}
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0

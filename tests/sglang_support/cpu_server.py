@@ -53,7 +53,8 @@ class SglangCpuServer:
         if plugin:
             self.cmd = [sys.executable, "-m", "sglang_slo.sglang_plugin.launch", "--model", str(model_dir), "--cpu",
                         "--policy", policy, "--hardware", str(CPU_PROFILE), "--port", str(self.port),
-                        "--sidecar-log", str(self.sidecar_log), "--", *sglang_args]
+                        "--sidecar-log", str(self.sidecar_log),
+                        *[a for kv in planner_set for a in ("--planner-set", kv)], "--", *sglang_args]
             self.env = cpu_env(SGLANG_SLO_REPORT_LOG=str(self.report_log))
         else:
             from sglang_slo.sglang_plugin.launch import CPU_FLAGS
