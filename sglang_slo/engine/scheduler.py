@@ -253,8 +253,15 @@ class Scheduler:
                 break
             if req in scheduled or req.is_finished or not req.is_prefilling and req.status is RequestStatus.RUNNING:
                 continue
-            if req.status is RequestStatus.WAITING and len(self.running) >= self.config.max_running:
-                continue
+            if req.status is RequestStatus.WAITING:
+                if len(self.running) >= self.config.max_running:
+                    continue
+                # Fallback admission keeps a watermark: the whole prompt plus one block must
+                # fit now, so admitted requests rarely need preempting later (an idle engine
+                # admits anyway: a request too big for the cache must fail, not wait forever).
+                if plan is None and self.running and not self.kv.can_grow(
+                        req.rid, req.prefill_target + self.kv.target.block_size):
+                    continue
             n = min(tokens, req.num_prefill_remaining, left)
             # The draft cache (if any) prefills the same chunk.
             if n < 1 or not self.kv.grow(req.rid, req.num_computed + n, req.num_computed + n):
