@@ -469,3 +469,23 @@ def test_entry_point_dist_info_is_discoverable(tmp_path):
     eps = [ep for d in distributions(path=[str(tmp_path)]) for ep in d.entry_points if ep.group == GROUP]
     assert [(ep.name, ep.value) for ep in eps] == [("slo", VALUE)]
     assert eps[0].load().__module__ == "sglang_slo.sglang_plugin"
+
+
+def test_tp_ranks_stamp_arrivals_with_rank0_clock():
+    """With TP > 1 every rank must order the queue identically: arrivals use rank 0's broadcast clock."""
+    leader, follower = scheduler_shell(), scheduler_shell()
+    leader.token_to_kv_pool_allocator = kv_and_cache()[0]
+    s0 = state_for(leader, clock=FakeClock(100.0), endpoint=ipc_endpoint("tp-test"))
+    s1 = state_for(follower, clock=FakeClock(250.0))  # another process, another clock reading
+    s0._tp_size = s1._tp_size = 2
+    out = s0.poll()
+    tick = [u for u in out if isinstance(u, PlannerUpdate)]
+    assert tick and tick[0].now_s == 100.0
+    for st_, sched in ((s0, leader), (s1, follower)):
+        for update in pickle.loads(pickle.dumps(tick)):
+            st_.apply_update(update)
+    a0, a1 = make_req(5, "same", slo={"ttft_ms": 100, "tpot_ms": 10}), make_req(5, "same", slo={"ttft_ms": 100, "tpot_ms": 10})
+    s0.on_new_request(a0)
+    s1.on_new_request(a1)
+    assert a0.slo.arrival_s == a1.slo.arrival_s == 100.0
+    s0.link.close()

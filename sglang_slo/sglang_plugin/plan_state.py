@@ -24,6 +24,9 @@ class PlannerUpdate:
     """The newest plan received (older ones in the same pass are superseded)."""
     expire: bool = False
     """The current plan's `valid_until_s` has passed on rank 0's clock: fall back."""
+    now_s: float | None = None
+    """Rank 0's clock at this pass (TP > 1): every rank stamps new arrivals with it, so
+    deadline order is identical on every rank."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,12 +82,13 @@ def req_slo(req) -> ReqSlo | None:
 
 
 def deadline_key(req) -> float:
-    """Earliest-deadline-first key: the request's next deadline (TTFT before its first token)."""
+    """Earliest-deadline-first key: the deadline of the request's next token on the SLO
+    schedule anchored at its TTFT deadline (seconds). Uses only values that are identical on
+    every TP rank (arrival stamp, SLO, tokens done), never a rank-local measurement."""
     s = req_slo(req)
     if s is None:
         return float("inf")
-    done = len(req.output_ids)
-    return s.ttft_deadline_s if done == 0 else s.token_deadline_s(done + 1)
+    return s.ttft_deadline_s + len(req.output_ids) * s.slo.tpot_s
 
 
 def _has_slo(custom: object) -> bool:

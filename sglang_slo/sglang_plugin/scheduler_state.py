@@ -78,6 +78,8 @@ class SloSchedulerState:
         self.tracked: dict[str, object] = {}  # rank 0: rid -> Req the planner knows about
         self._arrivals: list = []  # rank 0: Reqs to announce on the next poll
         self._is_leader: bool | None = None  # resolved on first use (the rank is known by then)
+        self._tp_size: int | None = None
+        self.shared_now_s: float | None = None  # rank 0's clock, from the last broadcast (TP > 1)
         self._valid_until_s = float("inf")  # rank 0: expiry of the plan in force
         self._expire_sent = True
         self._last_sweep_s = 0.0
@@ -93,12 +95,29 @@ class SloSchedulerState:
     def on_new_request(self, req) -> None:
         """Attach `req.slo`; an invalid SLO aborts the request with the parser's message."""
         sched = self.scheduler
-        err = attach_slo(req, self.catalog, self.clock(), set_priority=bool(getattr(sched, "enable_priority_scheduling", False)))
+        err = attach_slo(req, self.catalog, self._arrival_clock(), set_priority=bool(getattr(sched, "enable_priority_scheduling", False)))
         if err is not None:
             req.set_finish_with_abort(err, status_code=HTTPStatus.BAD_REQUEST)
             return
         if self.endpoint is not None and self.leader():
             self._arrivals.append(req)  # announced by the next poll (max_new_tokens is set by then)
+
+    def _arrival_clock(self) -> float:
+        """Arrival stamp: this rank's clock with TP = 1, else rank 0's last broadcast clock."""
+        if self.tp_size() > 1 and self.shared_now_s is not None:
+            return self.shared_now_s
+        return self.clock()
+
+    def tp_size(self) -> int:
+        """Tensor-parallel group size (cached; 1 when SGLang's parallel context is not set)."""
+        if self._tp_size is None:
+            from sglang.srt.runtime_context import get_parallel
+
+            try:
+                self._tp_size = int(get_parallel().tp_size)
+            except (RuntimeError, ValueError, AttributeError):
+                self._tp_size = 1
+        return self._tp_size
 
     def leader(self) -> bool:
         """Whether this scheduler is its group's rank 0 (cached)."""
@@ -108,6 +127,8 @@ class SloSchedulerState:
 
     def apply_update(self, update: PlannerUpdate) -> None:
         """Dispatcher handler (every rank, same order): install/expire the plan, apply shedding."""
+        if update.now_s is not None:
+            self.shared_now_s = update.now_s
         self.plan.apply(update)
         if update.plan is not None:
             self._shed(update.plan.decisions)
@@ -163,6 +184,11 @@ class SloSchedulerState:
         if now - self._last_sweep_s >= SWEEP_S:
             self._last_sweep_s = now
             self._sweep_gone(now)
+        if self.tp_size() > 1:  # rank-consistent arrival stamps (see _arrival_clock)
+            if out and isinstance(out[0], PlannerUpdate):
+                out[0].now_s = now
+            else:
+                out.insert(0, PlannerUpdate(now_s=now))
         return out
 
     def report(self, batch, result) -> None:
