@@ -42,7 +42,8 @@ from eval.workloads import FULL_SCALE_CONTEXT, GenRequest, Workload, WorkloadSpe
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_PROFILE = ROOT / "configs" / "hardware" / "cpu-tiny.yaml"
-DEFAULT_MODEL_DIR = ROOT / "models" / "tiny"
+DEFAULT_MODEL_DIR = ROOT / "models" / "tiny-demo"  # trained here (quick settings) if no pair is committed
+QUICK_TRAIN = {"target_steps": 60, "draft_steps": 40, "max_corpus_bytes": 3_000_000}  # ~minutes on 2 cores
 TINY_CONTEXT = 256  # tokens: the tiny pair's max_position_embeddings
 
 
@@ -272,7 +273,8 @@ def check_policy(name: str) -> None:
 
 
 def resolve_model_dir(model_dir: str | Path | None) -> Path:
-    """The tiny pair: `model_dir` (trained there if missing), else the committed one, else models/tiny."""
+    """The tiny pair: `model_dir` (trained there if missing), else the committed one
+    (sglang_slo/assets/tiny), else models/tiny-demo (trained once with `QUICK_TRAIN`)."""
     from sglang_slo.engine.train_tiny import ensure_tiny_pair
 
     if model_dir is not None:
@@ -280,7 +282,7 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
     try:
         return ensure_tiny_pair()
     except FileNotFoundError:
-        return ensure_tiny_pair(DEFAULT_MODEL_DIR)
+        return ensure_tiny_pair(DEFAULT_MODEL_DIR, **QUICK_TRAIN)
 
 
 def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_unified"), *,
