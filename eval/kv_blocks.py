@@ -31,6 +31,11 @@ class KvBlocks:
         """Tokens allocatable now (parked prefixes count as free: they are evictable)."""
         return (self.free_blocks + sum(b for b, _ in self.parked.values())) * self.block_tokens
 
+    def can_grow(self, owner: str, tokens: int) -> bool:
+        """Whether `grow(owner, tokens)` would succeed (evicting parked prefixes if needed)."""
+        need = self.blocks_for(tokens) - self.held.get(owner, 0)
+        return need <= self.free_blocks + sum(b for b, _ in self.parked.values())
+
     def grow(self, owner: str, tokens: int) -> bool:
         """Make `owner` hold enough blocks for `tokens` tokens; False (nothing changed) if impossible."""
         need = self.blocks_for(tokens) - self.held.get(owner, 0)

@@ -12,7 +12,8 @@ written against the simulator's block accounting because that module imports tor
   the tree shrinks to a plain decode, then the running request with the latest deadline
   (best effort first) is preempted (recomputed later);
 - prefills: the plan's chunks in order (fallback: running prefills, then waiting requests,
-  by TTFT deadline, best effort last) with what the decodes' tree caps leave of B.
+  by TTFT deadline, best effort last, admitted only if the whole prompt + one block fits)
+  with what the decodes' tree caps leave of B.
 """
 
 from __future__ import annotations
@@ -213,8 +214,14 @@ class SimScheduler:
                 break
             if req in scheduled or req.status is Status.DONE or (not req.is_prefilling and req.status is Status.RUNNING):
                 continue
-            if req.status is Status.WAITING and len(self.running) >= self.limits.max_running:
-                continue
+            if req.status is Status.WAITING:
+                if len(self.running) >= self.limits.max_running:
+                    continue
+                # fallback admission watermark: the whole prompt plus one block must fit now
+                # (an idle engine admits anyway: too big for the cache must fail, not wait)
+                if plan is None and self.running and not self.kv.can_grow(
+                        req.rid, req.prefill_target + self.kv.block_tokens):
+                    continue
             n = min(tokens, req.prefill_remaining, left)
             if n < 1 or not self.kv.grow(req.rid, req.computed + n):
                 continue
