@@ -41,14 +41,19 @@ def build_tree(alphas: list[float], depth: int, width: int, min_tokens: float, t
         a = alphas[k - 1 if k - 1 < last else last]
         e = a + rng.gauss(0.0, sigma) if sigma > 0 else a
         e = _P_MIN if e < _P_MIN else _P_MAX if e > _P_MAX else e
+        if width == 1:  # a chain: the rank-1 child of the last node
+            path.append(path[-1] * e)
+            parent.append(len(path) - 2)
+            rank.append(1)
+            level.append(k)
+            continue
         cands = []  # (-f, parent, rank): the top-w children of every beam node
         for p in beam:
             f = path[p] * e
             for j in range(1, width + 1):
                 cands.append((-f, p, j))
                 f *= 1.0 - e
-        if width > 1:
-            cands.sort()
+        cands.sort()
         beam = []
         for negf, p, j in cands[:width]:
             beam.append(len(path))
