@@ -305,7 +305,8 @@ def _tool_session(ctx: _Ctx, c: ToolCallingSpec, n: int, t: float, system: int, 
     for k in range(calls):
         final = k == calls - 1
         output = ctx.tokens(c.final_output if final else c.call_output)
-        if not final and prompt + output + ctx.tokens(c.tool_result) > ctx.max_context:
+        result = 0 if final else ctx.tokens(c.tool_result)  # what the tool will return
+        if not final and prompt + output + result > ctx.max_context:
             final, output = True, ctx.tokens(c.final_output)  # context full: answer now
         prompt, output = ctx.fit(prompt, output)
         prev = out[-1] if out else None
@@ -319,7 +320,7 @@ def _tool_session(ctx: _Ctx, c: ToolCallingSpec, n: int, t: float, system: int, 
             shared_prefix="" if prev else app))
         if final:
             break
-        prompt = prompt + output + ctx.tokens(c.tool_result)
+        prompt = prompt + output + result
     return out
 
 
