@@ -184,3 +184,11 @@ def test_plans_that_break_the_contract_are_repaired(planner):
     assert [(e.rid, e.tree_cap) for e in plan.decode] == [("run", 1)]
     assert sum(c.tokens for c in plan.prefill) + len(plan.decode) <= plan.token_budget
     assert plan.token_budget == 1 and plan.prefill == []  # ghost, not-admitted and over-budget chunks dropped
+
+
+def test_lazy_policy_module_missing_is_named(monkeypatch):
+    from sidecar.policies import base
+
+    monkeypatch.setitem(base._LAZY, "future_policy", "sidecar.policies.future_policy")
+    with pytest.raises(ValueError, match="module sidecar.policies.future_policy does not exist yet"):
+        make_policy("future_policy")
