@@ -1,9 +1,10 @@
 """`python -m eval.bench_client`: timing accuracy and cost of the load client (prints JSON).
 
 Starts eval.stub_server as its own process (fixed TTFT and TPOT, one token per chunk), replays
-`concurrency` simultaneous requests per level and reports how far the recorded TTFT and mean
-TPOT are from the server's true values (client-side error: event-loop lag, parsing) and the
-client's CPU seconds per 1000 streamed tokens. On 2 shared cores the error grows with
+`concurrency` simultaneous requests per level and reports when the stub received each request
+(send lag: client scheduling + HTTP set-up + the stub's accept, ms after the intended send time),
+how far the recorded TTFT and mean TPOT are from the stub's true values (both sides' lag) and
+the client's CPU seconds per 1000 streamed tokens. On 2 shared cores the error grows with
 concurrency; it bounds how tight an SLO the harness can judge.
 """
 
@@ -43,14 +44,19 @@ def bench_level(url: str, prompts: PromptTexts, concurrency: int, output_tokens:
     reqs = [GenRequest(rid=f"b{i}", arrival_s=0.0, prompt_tokens=32, output_tokens=output_tokens, slo=slo,
                        alphas=[]) for i in range(concurrency)]
     w = Workload(name="bench", rate=1.0, duration_s=1.0, seed=0, requests=reqs)
+    seen = len(httpx.get(url + "/received", timeout=10).json())
     cpu0, t0 = _cpu_s(), time.perf_counter()
     res = replay_sync(w, ClientConfig(base_url=url), prompts, ReplayConfig(max_duration_s=300))
     wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    recv = httpx.get(url + "/received", timeout=10).json()[seen:]
+    send_lag = np.array([e["t_recv"] - res.started_at for e in recv]) * 1000  # ms after the intended send (0)
     ok = [c.record for c in res.calls if c.record.outcome is Outcome.FINISHED]
     ttft_err = np.array([r.ttft_s - ttft_s for r in ok]) * 1000  # ms
     tpot_err = np.array([r.tpot_s - tpot_s for r in ok]) * 1000  # ms
     tokens = sum(len(r.token_times) for r in ok)
     return {"concurrency": concurrency, "finished": len(ok), "tokens": tokens, "wall_s": round(wall, 3),
+            "send_lag_ms_p50": round(float(np.percentile(send_lag, 50)), 3),
+            "send_lag_ms_p99": round(float(np.percentile(send_lag, 99)), 3),
             "ttft_err_ms_p50": round(float(np.percentile(ttft_err, 50)), 3),
             "ttft_err_ms_p99": round(float(np.percentile(ttft_err, 99)), 3),
             "tpot_err_ms_mean": round(float(tpot_err.mean()), 3),

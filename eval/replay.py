@@ -42,10 +42,13 @@ class ReplayConfig:
     """Send at most this many requests of the trace (0 = all)."""
     max_connections: int = 512
     """HTTP connection pool size (concurrent streams)."""
+    warm_connections: int = 32
+    """Keep-alive connections opened before the clock starts (GET /health), at most one per request."""
 
     def __post_init__(self) -> None:
-        if self.max_duration_s <= 0 or self.max_requests < 0 or self.max_connections < 1:
-            raise ValueError("max_duration_s > 0, max_requests >= 0 and max_connections >= 1 required")
+        if self.max_duration_s <= 0 or self.max_requests < 0 or self.max_connections < 1 or self.warm_connections < 0:
+            raise ValueError("max_duration_s > 0, max_requests >= 0, max_connections >= 1 and "
+                             "warm_connections >= 0 required")
 
 
 @dataclass
@@ -58,6 +61,8 @@ class ReplayResult:
     """The trace's arrival window, seconds (goodput denominator, as for the simulator)."""
     stopped_by_deadline: bool
     stats: dict = field(default_factory=dict)
+    started_at: float = 0.0
+    """time.monotonic() at the replay clock's zero (to align with server-side timestamps)."""
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -106,10 +111,12 @@ class _Replay:
         task.add_done_callback(self.tasks.discard)
 
     async def run(self) -> ReplayResult:
-        limits = httpx.Limits(max_connections=self.cfg.max_connections, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=self.cfg.max_connections,
+                              max_keepalive_connections=max(64, self.cfg.warm_connections))
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.client.request_timeout_s)) as http:
             self.http = http
             first = [(g, self._first_prompt(g)) for g in self.requests if not g.after_rid]  # before the clock starts
+            await self._warm_connections(min(self.cfg.warm_connections, len(first)))
             self.t0 = time.monotonic()
             for g, prompt in first:
                 self._spawn(self._call(g, g.arrival_s, prompt))
@@ -131,7 +138,19 @@ class _Replay:
             c = self.calls.get(g.rid) or CallResult.new(g, arrival_s=g.arrival_s)
             calls.append(c)
         return ReplayResult(calls=calls, elapsed_s=elapsed, window_s=self.window_s,
-                            stopped_by_deadline=stopped, stats=_stats(calls))
+                            stopped_by_deadline=stopped, stats=_stats(calls), started_at=self.t0)
+
+    async def _warm_connections(self, n: int) -> None:
+        """Open `n` keep-alive connections (GET /health) so early requests skip the TCP set-up."""
+        url = self.client.base_url.rstrip("/") + "/health"
+
+        async def ping() -> None:
+            try:
+                await self.http.get(url, timeout=5.0)
+            except httpx.HTTPError:
+                pass  # a server without /health: no warm connections, no harm
+
+        await asyncio.gather(*(ping() for _ in range(n)))
 
     def _first_prompt(self, g: GenRequest) -> str:
         if g.session_id and g.prefix_tokens > 0:  # agent loop: shared system prompt first

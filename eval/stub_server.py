@@ -9,7 +9,8 @@ seconds, each with `usage.completion_tokens` (like `continuous_usage_stats`). Sc
 classes (`custom_params.slo.class` or `x-slo-class`) exercise the error paths:
 `reject-me` -> HTTP 429, `bad-me` -> HTTP 400, `die-me` -> a 429 error event halfway through
 the stream, `marker-me` -> the text `</think>` as token `think_tokens - 2`.
-Every request is kept in `received` ({body, headers, t_recv, t_done}; time.monotonic seconds).
+Every request is kept in `received` ({body, headers, t_recv, t_done}; time.monotonic seconds),
+also served as JSON by GET /received (for a stub in another process).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def build_app(state: StubServer) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/received")
+    async def received():
+        """When each request arrived (time.monotonic seconds) and its SLO annotation."""
+        return [{"t_recv": e["t_recv"], "t_done": e["t_done"], "prompt": e["body"].get("prompt", ""),
+                 "slo": (e["body"].get("custom_params") or {}).get("slo")} for e in state.received]
 
     @app.post("/v1/completions")
     async def completions(request: Request):
