@@ -77,28 +77,40 @@ def _width_exponent(width: float) -> float:
 class _Counts:
     """Decayed accepted/trial counts per draft position (index 0 = position 1).
 
+    Decay is lazy: stored counts are in units that grow by 1/decay per observation (real
+    count = stored / unit), so an observation touches only the positions it drafted.
     Tree verifies accept per level with the widened rate; `wexp` tracks the mean widen
     exponent of the observations so estimates can be mapped back to chain alphas."""
 
     acc: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
     trials: list[float] = field(default_factory=lambda: [0.0] * MAX_POSITIONS)
+    unit: float = 1.0
     wexp: float = 1.0
 
     def add(self, accepted: int, depth: int, decay: float, width: float = 1.0) -> None:
         acc, trials = self.acc, self.trials
-        w = 1.0 / (trials[0] + 1.0)  # running mean (an EWMA once decay bounds the counts)
-        self.wexp += w * (_width_exponent(width) - self.wexp)
         if decay < 1.0:
-            for j in range(MAX_POSITIONS):
-                acc[j] *= decay
-                trials[j] *= decay
-        depth = min(depth, MAX_POSITIONS)
-        accepted = min(accepted, depth)
+            self.unit /= decay
+            if self.unit > 1e100:  # renormalise long before overflow
+                self.rescale()
+        u = self.unit
+        w = u / (trials[0] + u)  # running mean (an EWMA once decay bounds the counts)
+        self.wexp += w * (_width_exponent(width) - self.wexp)
+        if depth > MAX_POSITIONS:
+            depth = MAX_POSITIONS
+        if accepted > depth:
+            accepted = depth
         # Positions 1..accepted were accepted; position accepted+1 (if drafted) was rejected.
-        for j in range(min(depth, accepted + 1)):
-            trials[j] += 1.0
+        for j in range(accepted + 1 if accepted < depth else depth):
+            trials[j] += u
         for j in range(accepted):
-            acc[j] += 1.0
+            acc[j] += u
+
+    def rescale(self) -> None:
+        u = self.unit
+        self.acc = [a / u for a in self.acc]
+        self.trials = [t / u for t in self.trials]
+        self.unit = 1.0
 
 
 @dataclass(slots=True)
@@ -221,11 +233,11 @@ def _pad(alphas: list[float]) -> list[float]:
 def _shrink(counts: _Counts, prior: list[float], strength: float) -> list[float]:
     """Posterior-mean chain alphas: counts shrunk toward the prior (in the observations'
     widened space when they came from trees, then mapped back)."""
-    e = counts.wexp
+    e, s = counts.wexp, strength * counts.unit  # strength in the counts' stored units
     if e <= 1.0001:
-        return [(a + strength * p) / (t + strength) for a, t, p in zip(counts.acc, counts.trials, prior)]
+        return [(a + s * p) / (t + s) for a, t, p in zip(counts.acc, counts.trials, prior)]
     out = []
     for a, t, p in zip(counts.acc, counts.trials, prior):
-        tree = (a + strength * (1.0 - (1.0 - p) ** e)) / (t + strength)
+        tree = (a + s * (1.0 - (1.0 - p) ** e)) / (t + s)
         out.append(1.0 - (1.0 - tree) ** (1.0 / e))
     return out
