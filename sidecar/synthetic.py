@@ -112,13 +112,21 @@ def random_mix(
 
 def next_report(prev: protos.IterationReport, plan: protos.Plan, dt_s: float = 0.02) -> protos.IterationReport:
     """A plausible report for the step after `prev`, had the engine run `plan`: each decode
-    entry commits one token, each chunk prefills its tokens (used by the benchmark loop)."""
+    entry verifies its chain (depth = entry depth, random acceptance) and commits accepted + 1
+    tokens, each chunk prefills its tokens (used by the benchmark loop)."""
+    rng = random.Random(prev.step)
     chunks = {c.rid: c.tokens for c in plan.prefill}
-    decoding = {e.rid for e in plan.decode}
+    entries = {e.rid: e for e in plan.decode}
     progress = []
+    draft_steps = 0
     for p in prev.progress:
-        if p.rid in decoding:
-            progress.append(protos.RequestProgress(p.rid, p.prefilled, p.decoded + 1, first_token_s=p.first_token_s, stage=p.stage))
+        e = entries.get(p.rid)
+        if e is not None:
+            acc = rng.randint(0, e.depth) if e.depth else 0
+            draft_steps = max(draft_steps, e.depth)
+            progress.append(protos.RequestProgress(
+                p.rid, p.prefilled, p.decoded + 1 + acc, verified=e.depth, accepted=acc, depth=e.depth,
+                first_token_s=p.first_token_s, stage=p.stage))
         elif p.rid in chunks:
             progress.append(protos.RequestProgress(p.rid, p.prefilled + chunks[p.rid], p.decoded, prefill_tokens=chunks[p.rid]))
         else:
@@ -129,8 +137,8 @@ def next_report(prev: protos.IterationReport, plan: protos.Plan, dt_s: float = 0
         end_s=prev.end_s + dt_s,
         plan_step=plan.step,
         prefill_tokens=sum(chunks.values()),
-        verify_tokens=len(plan.decode),
-        draft_steps=0,
+        verify_tokens=sum(e.tree_cap for e in plan.decode),
+        draft_steps=draft_steps,
         context_tokens=prev.context_tokens,
         kv_free_tokens=prev.kv_free_tokens,
         progress=progress,
