@@ -85,6 +85,7 @@ class SloSchedulerState:
         self._last_sweep_s = 0.0
         self.plan_of_launch: dict[int, tuple[PlanView | None, int]] = {}  # forward_iter -> (plan, draft depth)
         self.building_plan: PlanView | None = None  # plan in force while the next batch is built
+        self.last_launch_s = 0.0  # launch time of the newest batch (engine clock)
         self._report_log = _open_log(os.environ.get(REPORT_LOG_ENV))
         self.reports_sent = 0
         self.rejected = 0
@@ -159,6 +160,7 @@ class SloSchedulerState:
         Runs right after `run_batch`: the worker has activated this batch's depth tier by then.
         """
         self.plan_of_launch[batch.forward_iter] = (self.building_plan, self._current_depth())
+        self.last_launch_s = float(batch.launch_ts or self.clock())
 
     # ---------------------------------------------------------------- rank 0
 
@@ -200,13 +202,18 @@ class SloSchedulerState:
         if self.link is None:
             return
         plan, depth = self.plan_of_launch.pop(batch.forward_iter, (None, 0))
+        # Iteration end = the next batch's launch when SGLang's overlap loop already launched it
+        # (this result is processed one launch late; on CPU the forward runs inside the launch),
+        # else now: the planner's cost model then sees launch-to-launch periods, not two forwards.
+        start = float(batch.launch_ts or now)
+        end_s = self.last_launch_s if self.last_launch_s > start else now
         plan_step = plan.step if plan is not None else -1
         report = build_report(
             batch,
             result,
             step=self.step,
             plan_step=plan_step,
-            end_s=now,
+            end_s=end_s,
             kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
             waiting=len(sched.waiting_queue),
             spec_depth=depth,
