@@ -70,3 +70,16 @@ def test_manifest_and_pair_load(runs):
 
 def test_ensure_tiny_pair_returns_existing_dir_without_training(runs):
     assert train_tiny.ensure_tiny_pair(runs / "a") == runs / "a"
+
+
+def test_committed_pair_is_complete():
+    root = train_tiny.ensure_tiny_pair()
+    m = json.loads((root / "manifest.json").read_text())
+    for role in ("target", "draft"):
+        assert train_tiny.weights_sha256(root / role) == m[role]["sha256"]
+        assert Tokenizer.load(root / role).vocab_size == m["vocab_size"]
+    assert m["greedy_acceptance"]["tokens_per_verify"] > 1.5
+    target = load_model(root / "target", dtype=torch.float32)
+    draft = load_model(root / "draft", dtype=torch.float32)
+    assert target.config.num_parameters > 4 * draft.config.num_parameters
+    assert target.config.max_position_embeddings == train_tiny.CONTEXT

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import math
+import platform
 import shlex
 import sys
 import time
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "vocab_size": tok.vocab_size, "context": CONTEXT,
         "save_dtype": args.save_dtype, "python_stdlib_files": len(texts),
         "train_tokens": train_ids.numel(), "val_tokens": val_ids.numel(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "python": platform.python_version(),
     }
     models = {}
     for role, cfg_fn, steps, secs, teacher_role, seed in (
