@@ -346,7 +346,8 @@ async def _openai(ctx: ServerContext, request: Request, req, ids: list[int], max
         piece = await _collect(ctx, request, stream, text)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": piece.text},
-                      "logprobs": None, "finish_reason": piece.finish}
+                      "logprobs": None, "finish_reason": piece.finish,
+                      "meta_info": {"spec_accept_length": stream.spec_accept_length}}
             body = {**base, "object": "chat.completion", "choices": [choice]}
         else:
             choice = {"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish}

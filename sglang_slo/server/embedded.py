@@ -23,6 +23,9 @@ from sglang_slo.slo import SloRequest
 
 log = logging.getLogger(__name__)
 
+_EMPTY_STEP_WAIT_MS = 20  # most time to wait for a plan after an iteration without a forward
+_STUCK_RESYNC_S = 1.0  # seconds of iterations without a forward (work waiting) before a resync
+
 
 class EmbeddedDriver:
     """Adapter Engine (+ optional planner link) -> `Driver`."""
@@ -33,6 +36,15 @@ class EmbeddedDriver:
         self.link = link
         """`sglang_slo.engine.planner_link.PlannerLink` or None (fallback policy only)."""
         self._plan_seen = None
+        self._last_empty = False
+        self._empty_since: float | None = None  # engine clock of the first of consecutive empty iterations
+        self.stuck_resyncs = 0
+        """Resyncs forced because work waited with no forward for `_STUCK_RESYNC_S` (a lost
+        event, e.g. a RequestArrived dropped at the socket's high-water mark)."""
+        self.verify_forwards = 0
+        """(request, iteration) pairs that verified a draft; with `accepted_tokens` gives the
+        server-wide mean accept length (SGLang's avg_spec_accept_length)."""
+        self.accepted_tokens = 0
         self.stages: dict[str, int] = {}
         metrics.kv_capacity.set(engine.tables.target.capacity_tokens)
         metrics.kv_free.set(engine.tables.free_tokens)
@@ -60,7 +72,10 @@ class EmbeddedDriver:
         return self.engine.has_work
 
     def step(self) -> StepResult:
-        self._take_plans()
+        # After an iteration that ran no forward (everything waits for admission by a plan
+        # not here yet), wait briefly for the plan instead of spinning empty iterations that
+        # flood the planner with reports and steal its CPU.
+        self._take_plans(wait_ms=_EMPTY_STEP_WAIT_MS if self._last_empty else 0)
         out = self.engine.step()
         res = StepResult(new_tokens=out.new_tokens)
         for f in out.finished:
@@ -71,6 +86,8 @@ class EmbeddedDriver:
             for p in report.progress:
                 if p.verified:
                     res.spec[p.rid] = (1, p.accepted)
+                    self.verify_forwards += 1
+                    self.accepted_tokens += p.accepted
                     self.metrics.spec_verified.inc(p.verified)
                     self.metrics.spec_accepted.inc(p.accepted)
                 p.stage = self.stages.get(p.rid, 0)
@@ -80,9 +97,30 @@ class EmbeddedDriver:
                 self.metrics.fallback.inc()
             self.metrics.kv_free.set(report.kv_free_tokens)
             self.metrics.waiting.set(report.waiting)
+            self._last_empty = report.prefill_tokens == 0 and report.verify_tokens == 0
+            self._watch_stuck(report.end_s)
         if self.link is not None:
             self.link.send(out.events)
         return res
+
+    def _watch_stuck(self, now: float) -> None:
+        """Work waits, yet iterations run no forward: the planner may lack state; resync it."""
+        if not self._last_empty or self.link is None:
+            self._empty_since = None
+            return
+        if self._empty_since is None:
+            self._empty_since = now
+        elif now - self._empty_since > _STUCK_RESYNC_S and self.link.welcomed:
+            log.warning("no forward for %.1fs with work waiting: resynchronising the planner", now - self._empty_since)
+            self.stuck_resyncs += 1
+            self._empty_since = None
+            self.link.restart()  # handshake again; the welcome is followed by a full Resync
+
+    @property
+    def avg_accept_length(self) -> float:
+        """Mean tokens committed per verify forward (1.0 before any speculation)."""
+        v = self.verify_forwards
+        return (v + self.accepted_tokens) / v if v else 1.0
 
     def idle(self) -> None:
         self._take_plans()
@@ -94,9 +132,9 @@ class EmbeddedDriver:
 
     # ---- planner link --------------------------------------------------------------------
 
-    def _take_plans(self) -> None:
+    def _take_plans(self, wait_ms: int = 0) -> None:
         """Let the link apply queued plans to the engine (and handshake when needed)."""
-        if self.link is None or not self.link.poll():
+        if self.link is None or not self.link.poll(wait_ms=wait_ms):
             return
         plan = getattr(self.engine, "_plan", None)  # the newest plan the engine holds
         if plan is not None and plan is not self._plan_seen:

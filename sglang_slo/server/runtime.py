@@ -92,7 +92,10 @@ class ServerRuntime:
                 "planner_welcomed": bool(link and link.welcomed),
                 "planner_handshakes": link.handshakes if link else 0,
                 "plans_received": link.plans_received if link else 0,
+                "stuck_resyncs": driver.stuck_resyncs,
                 "policy": args.policy if link else "fallback",
+                # SGLang's /server_info shape: bench_serving reports this as "Accept length"
+                "internal_states": [{"avg_spec_accept_length": driver.avg_accept_length}],
             }
 
         ctx = ServerContext(
