@@ -6,7 +6,8 @@ Form (roofline-ish, piecewise linear in the batch's token count n = prefill + ve
                   + k_tok_s * n + k_knee_s * max(0, n - knee_tokens)    # GEMMs: flat, then compute-bound
                   + k_ctx_s * context_tokens                           # KV reads (attention)
                   + k_pf2_s * prefill_tokens**2                        # causal prefill attention
-                  + draft_steps * d_step_s + k_dtok_s * draft_tokens ) # drafter
+                  + draft_steps * d_step_s + k_dtok_s * draft_tokens   # drafter
+                  + k_ver_s * verify_tokens )                          # per-decode-token overheads
 
 All coefficients are seconds (per token, per token^2, per step). `fit()` recovers them by
 least squares (grid search over the knee); `observe()` refits online: a robust EWMA scale
@@ -67,7 +68,7 @@ class EngineLimits:
 
 
 # Names of the coefficients, in feature order (knee_tokens is not a linear coefficient).
-COEFS = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s")
+COEFS = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s", "k_ver_s")
 
 
 @dataclass
@@ -90,6 +91,9 @@ class CostModel:
     """Seconds per sequential draft step (fixed part of one drafter forward)."""
     k_dtok_s: float = 0.0
     """Seconds per draft token (summed over all draft steps)."""
+    k_ver_s: float = 0.0
+    """Extra seconds per verify/decode token over a prefill token (per-request work: sampling,
+    tree masks, bookkeeping; large on CPU engines, ~0 on GPU profiles)."""
     scale: float = 1.0
     """Online multiplicative correction (measured / predicted, EWMA)."""
     ewma: float = 0.05
@@ -126,22 +130,26 @@ class CostModel:
             + self.k_pf2_s * prefill_tokens * prefill_tokens
             + self.d_step_s * draft_steps
             + self.k_dtok_s * draft_tokens
+            + self.k_ver_s * verify_tokens
         )
         return self.scale * t
 
     def max_tokens_within(
-        self, seconds: float, draft_steps: int = 0, context_tokens: int = 0, draft_tokens: int = 0
+        self, seconds: float, draft_steps: int = 0, context_tokens: int = 0, draft_tokens: int = 0,
+        verify_tokens: int = 0,
     ) -> int:
-        """Most batch tokens (prefill + verify) whose iteration fits in `seconds`.
+        """Most batch tokens (prefill + verify) whose iteration fits in `seconds`, when
+        `verify_tokens` of them are verify tokens and the rest are priced as prefill.
 
-        Treats all tokens as verify tokens (the prefill^2 term is ignored: an upper bound
-        when the batch carries a prefill chunk).
+        The prefill^2 term is ignored (an upper bound when the batch carries a prefill chunk).
+        The answer may be below `verify_tokens`: then not even those fit.
         """
         left = seconds / self.scale - (
             self.base_s
             + self.k_ctx_s * context_tokens
             + self.d_step_s * draft_steps
             + self.k_dtok_s * draft_tokens
+            + self.k_ver_s * verify_tokens
         )
         if left < 0:
             return 0
@@ -228,6 +236,8 @@ class CostModel:
         if not np.all(np.isfinite(rows)) or np.any(rows < 0):
             raise ValueError("fit samples must be finite and non-negative")
         fixed = dict(fixed or {})
+        if "k_ver_s" not in fixed and (not np.any(rows[:, 0] > 0) or not np.any(rows[:, 1] > 0)):
+            fixed["k_ver_s"] = 0.0  # verify premium needs both prefill and verify samples
         unknown = set(fixed) - set(COEFS) - {"knee_tokens"}
         if unknown:
             raise ValueError(f"unknown fixed coefficients: {sorted(unknown)}")
@@ -262,7 +272,7 @@ def _features(rows: np.ndarray, knee: int) -> np.ndarray:
     prefill, verify, steps, ctx, dtok = (rows[:, i] for i in range(5))
     n = prefill + verify
     return np.stack(
-        [np.ones_like(n), n, np.maximum(0.0, n - knee), ctx, prefill * prefill, steps, dtok], axis=1
+        [np.ones_like(n), n, np.maximum(0.0, n - knee), ctx, prefill * prefill, steps, dtok, verify], axis=1
     )  # [rows, len(COEFS)]
 
 

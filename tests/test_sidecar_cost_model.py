@@ -14,8 +14,10 @@ from sidecar.cost_model import CostModel, EngineLimits, load_profile, profile_fr
 
 TRUE = CostModel(
     base_s=0.006, k_tok_s=3e-6, k_knee_s=2e-5, knee_tokens=256, k_ctx_s=4e-8, k_pf2_s=4.5e-10,
-    d_step_s=2e-4, k_dtok_s=7e-7,
+    d_step_s=2e-4, k_dtok_s=7e-7, k_ver_s=2e-6,
 )
+# max_tokens_within ignores the prefill^2 term (documented): compare inverses against this.
+NOPF2 = CostModel(**{**TRUE.coefficients(), "k_pf2_s": 0.0})
 HW = Path(__file__).resolve().parent.parent / "configs" / "hardware"
 
 
@@ -67,10 +69,10 @@ def test_fit_rejects_bad_samples(rows):
 def test_max_tokens_within_is_the_inverse(seconds):
     n = TRUE.max_tokens_within(seconds, draft_steps=2, context_tokens=10_000, draft_tokens=100)
     if n == 0:
-        assert TRUE.iteration_time(0, 1, 2, 10_000, 100) > seconds
+        assert NOPF2.iteration_time(1, 0, 2, 10_000, 100) > seconds
         return
-    assert TRUE.iteration_time(0, n, 2, 10_000, 100) <= seconds + 1e-9
-    assert TRUE.iteration_time(0, n + 1, 2, 10_000, 100) > seconds
+    assert NOPF2.iteration_time(n, 0, 2, 10_000, 100) <= seconds + 1e-9
+    assert NOPF2.iteration_time(n + 1, 0, 2, 10_000, 100) > seconds
 
 
 def _report(step, t0, n, ctx, seconds):
@@ -200,3 +202,13 @@ def test_max_tokens_within_inverts_any_model(base, lo, hi, knee, ctx, seconds, s
     elif n < 1 << 30:
         assert model.iteration_time(0, n, steps, context) <= seconds * (1 + 1e-9) + 1e-12
         assert model.iteration_time(0, n + 1, steps, context) > seconds * (1 - 1e-9) - 1e-12
+
+
+def test_verify_premium_is_fit_only_when_identifiable_and_inverted():
+    # Verify-only samples cannot separate a verify premium from the per-token slope: pinned to 0.
+    rows = [(0, v, 0, 0, 0, TRUE.iteration_time(0, v, 0, 0)) for v in (1, 64, 256, 1024, 4096)]
+    assert CostModel.fit(rows).k_ver_s == 0.0
+    # With a verify budget already decided, the rest is priced as prefill tokens.
+    n = TRUE.max_tokens_within(0.02, verify_tokens=300)
+    assert NOPF2.iteration_time(n - 300, 300, 0, 0) <= 0.02 + 1e-12 < NOPF2.iteration_time(n - 299, 300, 0, 0)
+    assert n < TRUE.max_tokens_within(0.02)  # verify tokens cost more than prefill tokens here
