@@ -22,17 +22,17 @@ VOCAB = 64
 SLO = protos.Slo(ttft_s=1.0, tpot_s=0.05)
 
 
-def tiny_config(vocab: int = VOCAB, max_pos: int = 256, eos: tuple[int, ...] = ()) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def tiny_config(vocab: int = VOCAB, max_pos: int = 256, eos: tuple[int, ...] = (), layers: int = 2) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
                        eos_token_ids=eos)
 
 
 def tiny_pair(seed: int = 0, noise: float = 0.05, vocab: int = VOCAB, logit_scale: float = 8.0,
-              eos: tuple[int, ...] = ()) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+              eos: tuple[int, ...] = (), layers: int = 2) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     """(target, draft): the draft is the target with Gaussian weight noise (partial acceptance)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(vocab, eos=eos)
+    cfg = tiny_config(vocab, eos=eos, layers=layers)
     target = LlamaForCausalLM(cfg).double().eval()
     with torch.no_grad():
         target.lm_head.weight.mul_(logit_scale)  # peaked distributions, like a trained model
