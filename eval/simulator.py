@@ -111,7 +111,8 @@ class Simulator:
         self.now = 0.0
         self.step = 0
         self.plan: protos.Plan | None = None
-        self._preempted: list[SimRequest] = []  # preempted since the last report
+        self._held: protos.Plan | None = None  # answer to the last report, applied after the next step
+        self._stale: dict[str, SimRequest] = {}  # preempted or planned-but-not-run since the last report
         self.stats = dict(iterations=0, plan_iterations=0, fallback_iterations=0, idle_ticks=0,
                           preemptions=0, prefix_hits=0, prefix_tokens_reused=0, verified=0,
                           accepted=0, spec_verifies=0, busy_s=0.0, peak_kv_frac=0.0)
@@ -196,7 +197,6 @@ class Simulator:
         its next step is numbered s + 2 (nothing is in flight)."""
         wall = time.perf_counter()
         idle = True  # no forward ran last time round: ask for a fresh plan first
-        held: protos.Plan | None = None  # answer to the last report, applied after the next step
         tick = self.config.idle_tick_s
         try:
             while True:
@@ -210,9 +210,9 @@ class Simulator:
                 if self.now > self.end_limit:
                     break
                 if idle and self.link:
-                    self._apply(held)
+                    self._apply(self._held)
                     self._apply(self._report(self.now, self.now, [], Batch(), idle=True))
-                    held = None
+                    self._held = None
                 msgs: list = []
                 batch = self.sched.schedule(self.plan, self.now)
                 for r in batch.rejected:
@@ -220,7 +220,7 @@ class Simulator:
                 for r in batch.failed:
                     self._finish(r, Outcome.FAILED, protos.FinishReason.ERROR, msgs)
                 self.stats["preemptions"] += len(batch.preempted)
-                self._preempted.extend(batch.preempted)  # reported with the next report
+                self._note_stale(batch)
                 if batch.is_empty:
                     self._send(msgs)
                     nxt = self.pending[0][0] if self.pending else float("inf")
@@ -236,15 +236,28 @@ class Simulator:
                 if self.config.check_kv:
                     self.kv.check()
                 if self.link:
-                    self._apply(held)
-                    held = self._report(start, self.now, progress, batch)
+                    self._apply(self._held)
+                    self._held = self._report(start, self.now, progress, batch)
                 else:
                     self.step += 1
-                    self._preempted.clear()
+                    self._stale.clear()
         finally:
             if self.link:
                 self.link.close()
         return self._result(time.perf_counter() - wall)
+
+    def _note_stale(self, batch: Batch) -> None:
+        """Remember requests whose state the planner may have wrong after this batch:
+        preempted ones (KV gone) and ones the applied plan scheduled that did not run (the
+        planner counted its chunks as done). Their facts go out with the next report."""
+        for r in batch.preempted:
+            self._stale[r.rid] = r
+        if batch.plan_step >= 0 and self.plan is not None:
+            ran = {r.rid for r, _ in batch.prefills} | {w.req.rid for w in batch.decodes}
+            for rid in [c.rid for c in self.plan.prefill] + [e.rid for e in self.plan.decode]:
+                r = self.reqs.get(rid)
+                if rid not in ran and r is not None and r.status is not Status.DONE:
+                    self._stale[rid] = r
 
     def _apply(self, plan: protos.Plan | None) -> None:
         """Keep the newest plan (the engine's rule); the scheduler uses it while valid."""
@@ -258,10 +271,14 @@ class Simulator:
 
     def _report(self, start: float, end: float, progress: list, batch: Batch, idle: bool = False) -> protos.Plan | None:
         """Send IterationReport `self.step` (an idle report when nothing ran); return the plan."""
-        for r in self._preempted:  # the planner must learn that their KV is gone
-            if r.status is not Status.DONE and all(p.rid != r.rid for p in progress):
+        reported = {p.rid for p in progress}
+        for rid, r in self._stale.items():  # facts replace the planner's projections
+            if rid not in reported and r.status is not Status.DONE:
                 progress.append(self._progress(r, 0, 0, 0, 0, 0.0))
-        self._preempted.clear()
+        self._stale.clear()
+        if idle:  # nothing is in flight: no plan received so far may count as running
+            top = max((p.step for p in (self.plan, self._held) if p is not None), default=-1)
+            self.step = max(self.step, top)
         rep = protos.IterationReport(
             step=self.step, start_s=start, end_s=end, plan_step=batch.plan_step,
             prefill_tokens=batch.prefill_tokens, verify_tokens=self._last_verify if progress and end > start else 0,

@@ -198,3 +198,13 @@ def test_unknown_policy_is_a_clear_error_in_process_and_over_zmq():
         simulate(w, H100, "no-such-policy")
     with pytest.raises(RuntimeError, match="unknown policy"):  # the sidecar process exits with its reason
         simulate(w, H100, "no-such-policy", over_zmq=True)
+
+
+def test_planned_but_unrun_requests_are_reported_so_none_starves():
+    # Regression: a plan's chunk that never ran (superseded by an idle report's plan) was
+    # counted as done by the planner's in-flight projection; the request then waited forever.
+    a100 = str(ROOT / "configs/hardware/a100-llama3.1-70b-1b-draft.yaml")
+    w = make_workload("adaserve", a100, rate=4.0, duration_s=60.0, seed=0)
+    res = simulate(w, a100, "fcfs", seed=0)
+    assert all(r.outcome is Outcome.FINISHED for r in res.records)
+    assert res.elapsed_s < 120
