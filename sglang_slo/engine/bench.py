@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=1, help="draft tree width (1 = chain)")
     parser.add_argument("--tree-cap", type=int, default=0, help="verify tokens per request (0 = 1 + depth*width)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent requests")
+    parser.add_argument("--single-prompts", type=int, default=4,
+                        help="single stream: prompts run one after another (acceptance varies by prompt)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per point (best is reported)")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep single-stream speculation over depth x width and report each")
@@ -133,7 +135,25 @@ def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0) 
         "ms_per_iteration": round(1e3 * wall_iter / steps, 3),
         "python_overhead_fraction": round((wall_iter - forward_s) / forward_s, 4) if forward_s else 0.0,
         "mean_accepted_per_verify": round(accepted / verifies, 3) if verifies else 0.0,
+        "verifies": verifies,
         "wall_s": round(wall, 3),
+    }
+
+
+def _combine(runs: list[dict]) -> dict:
+    """Aggregate sequential runs: rates from summed tokens and times."""
+    wall = sum(r["wall_s"] for r in runs)
+    tokens = sum(r["tokens_per_s"] * r["wall_s"] for r in runs)
+    cpu = sum(r["tokens_per_s"] * r["wall_s"] / r["tokens_per_cpu_s"] for r in runs)
+    iters = sum(r["iterations"] for r in runs)
+    verifies = sum(r["verifies"] for r in runs)
+    return {
+        "tokens_per_s": round(tokens / wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 1),
+        "iterations": iters, "ms_per_iteration": round(sum(r["ms_per_iteration"] * r["iterations"] for r in runs) / iters, 3),
+        "python_overhead_fraction": round(sum(r["python_overhead_fraction"] * r["iterations"] for r in runs) / iters, 4),
+        "mean_accepted_per_verify": round(sum(r["mean_accepted_per_verify"] * r["verifies"] for r in runs) / verifies, 3)
+        if verifies else 0.0,
+        "verifies": verifies, "wall_s": round(wall, 3), "runs": len(runs),
     }
 
 
@@ -149,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     room = target.config.max_position_embeddings - args.new_tokens - 1
     plen = max(1, min(args.prompt_len, room))
     src = args.pair or args.model or (where if not args.random_model else None)
-    max_conc = max([1] + args.concurrency)
+    max_conc = max([args.single_prompts] + args.concurrency)
     prompts = bench_prompts(max_conc, plen, vocab, src)
     run_point(target, draft, prompts[:1], 8)  # warm-up (allocator, first-call paths)
     out: dict = {
@@ -157,18 +177,24 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens": plen, "new_tokens": args.new_tokens,
         "spec": {"depth": args.depth, "width": args.width, "tree_cap": args.tree_cap or 1 + args.depth * args.width},
     }
-    base = _best(lambda: run_point(target, None, prompts[:1], args.new_tokens), args.repeats)
+    singles = prompts[: args.single_prompts]
+
+    def single(draft_model, depth=0, width=1, cap=0) -> dict:
+        """Single stream: the prompts one after another, each alone in the engine."""
+        runs = [run_point(target, draft_model, [p], args.new_tokens, depth, width, cap) for p in singles]
+        return _combine(runs)
+
+    base = _best(lambda: single(None), args.repeats)
     out["single_stream"] = base
     if draft is not None and args.depth > 0:
-        spec = _best(lambda: run_point(target, draft, prompts[:1], args.new_tokens, args.depth, args.width,
-                                       args.tree_cap), args.repeats)
+        spec = _best(lambda: single(draft, args.depth, args.width, args.tree_cap), args.repeats)
         out["single_stream_spec"] = spec
         out["spec_speedup"] = round(spec["tokens_per_s"] / base["tokens_per_s"], 3)
         out["spec_speedup_cpu"] = round(spec["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 3)
         if args.sweep:
             out["spec_sweep"] = []
             for d, w in [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2)]:
-                r = _best(lambda: run_point(target, draft, prompts[:1], args.new_tokens, d, w), args.repeats)
+                r = _best(lambda: single(draft, d, w), args.repeats)
                 out["spec_sweep"].append({"depth": d, "width": w, "tokens_per_s": r["tokens_per_s"],
                                           "tokens_per_cpu_s": r["tokens_per_cpu_s"],
                                           "mean_accepted_per_verify": r["mean_accepted_per_verify"]})
