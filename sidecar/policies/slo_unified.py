@@ -55,6 +55,9 @@ class UnifiedConfig:
     """Longest iteration ever planned, seconds."""
     efficiency: bool = True
     """Size trees by per-request goodput (off: deadline minimum only)."""
+    residency_weight: float = 1.0
+    """Scale of a request's fixed per-iteration cost when sizing its tree (> 1: value finishing
+    sooner, e.g. when KV capacity binds; its KV and batch slot are freed earlier)."""
     decode_efficiency: float = 2.0
     """Committed tokens per verify token assumed when charging an admission's decode load."""
     admit_slack_s: float = 0.0
@@ -206,6 +209,7 @@ class UnifiedPolicy(Policy):
         m_eff = np.ones(n_all, dtype=np.int64)
         if dm and n_all and cfg.efficiency:
             fixed = cost.k_ctx_s * cost.scale * ctx_tok + (cost.base_s * cost.scale + steps_cost) / n_all  # [n_all]
+            fixed *= cfg.residency_weight
             sizes = np.arange(1, dm + 2, dtype=np.float64)
             ratio = exp / (fixed[:, None] + per_tok * sizes[None, :])
             m_eff = ratio.argmax(axis=1) + 1
