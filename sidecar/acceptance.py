@@ -87,13 +87,14 @@ class _Counts:
     unit: float = 1.0
     wexp: float = 1.0
 
-    def add(self, accepted: int, depth: int, decay: float, width: float = 1.0) -> None:
+    def add(self, accepted: int, depth: int, decay: float, width: float = 1.0, count: int = 1) -> None:
+        """`count` identical outcomes (a batch is weighted as if observed together)."""
         acc, trials = self.acc, self.trials
         if decay < 1.0:
-            self.unit /= decay
+            self.unit /= decay if count == 1 else decay**count
             if self.unit > 1e100:  # renormalise long before overflow
                 self.rescale()
-        u = self.unit
+        u = self.unit * count
         w = u / (trials[0] + u)  # running mean (an EWMA once decay bounds the counts)
         self.wexp += w * (_width_exponent(width) - self.wexp)
         if depth > MAX_POSITIONS:
@@ -144,6 +145,7 @@ class AcceptanceModel:
         self._classes: dict[str, _Counts] = {}
         self._class_cache: dict[str, list[float]] = {}
         self._class_updates: dict[str, int] = {}
+        self._class_pending: dict[str, dict[tuple[int, int, float], int]] = {}
         self._requests: dict[str, _RequestEstimate] = {}
 
     # ---- estimates --------------------------------------------------------------------
@@ -154,6 +156,7 @@ class AcceptanceModel:
         if cached is not None:
             return cached
         prior = self.priors.get(slo_class) or self.priors["default"]
+        self._flush_class(slo_class)
         counts = self._classes.get(slo_class)
         out = prior if counts is None else _shrink(counts, prior, self.class_strength)
         self._class_cache[slo_class] = out
@@ -207,15 +210,28 @@ class AcceptanceModel:
         width = progress.verified / progress.depth if progress.verified > progress.depth else 1.0
         est.counts.add(progress.accepted, progress.depth, self.decay, width)
         est.cache = None
-        cls = self._classes.get(est.slo_class)
-        if cls is None:
-            cls = self._classes[est.slo_class] = _Counts()
-        cls.add(progress.accepted, progress.depth, self.class_decay, width)
+        # Class counts take outcomes in batches: one dict increment here, applied (flushed)
+        # when the class estimate is next read.
+        pending = self._class_pending.get(est.slo_class)
+        if pending is None:
+            pending = self._class_pending[est.slo_class] = {}
+        key = (progress.accepted, progress.depth, round(width * 4) / 4)
+        pending[key] = pending.get(key, 0) + 1
         # Requests shrink toward the class estimate, which just moved; their cached alphas
         # refresh lazily once per _CLASS_EPOCH class updates (keeps plan() O(n), not O(n*16)).
         n = self._class_updates[est.slo_class] = self._class_updates.get(est.slo_class, 0) + 1
         if n % _CLASS_EPOCH == 0:
             self._class_cache.pop(est.slo_class, None)
+
+    def _flush_class(self, slo_class: str) -> None:
+        pending = self._class_pending.pop(slo_class, None)
+        if not pending:
+            return
+        cls = self._classes.get(slo_class)
+        if cls is None:
+            cls = self._classes[slo_class] = _Counts()
+        for (accepted, depth, width), count in pending.items():
+            cls.add(accepted, depth, self.class_decay, width, count)
 
     def forget(self, rid: str) -> None:
         """Drop a finished request's estimate (class counts keep what it taught)."""
