@@ -75,6 +75,9 @@ def check_plan_invariants(st: PlannerState, plan: protos.Plan) -> None:
     """The base.py contract: budget, decode entries for running requests, chunk limits."""
     prefill = sum(c.tokens for c in plan.prefill)
     assert prefill + len(plan.decode) <= plan.token_budget, (prefill, len(plan.decode), plan.token_budget)
+    assert plan.token_budget <= max(st.limits.max_batch_tokens, len(plan.decode)), "over the engine batch limit"
+    caps = sum(e.tree_cap for e in plan.decode)
+    assert caps + prefill <= plan.token_budget, "engines reserve tree caps before prefill: chunks would not run"
     decisions = {d.rid: d.decision for d in plan.decisions}
     entries = {e.rid: e for e in plan.decode}
     assert len(entries) == len(plan.decode), "duplicate decode entries"

@@ -58,6 +58,14 @@ def test_repeated_plans_keep_admissions(name):
 
 
 @pytest.mark.parametrize("name", POLICIES)
+def test_thousands_of_requests_stay_within_the_engine_batch_limit(name):
+    rng = random.Random(21)
+    st = make_state(rng, 3000, 20, 50, limits=make_limits(kv=20_000_000))
+    plan = make_policy(name).plan(make_ctx(st))
+    check_plan_invariants(st, plan)
+
+
+@pytest.mark.parametrize("name", POLICIES)
 def test_unknown_option_is_a_clear_error(name):
     with pytest.raises(ValueError, match="unknown option"):
         make_policy(name, no_such_option=1)

@@ -28,11 +28,38 @@ def knee_budget(cost: CostModel, limits: EngineLimits, factor: float = 2.0) -> i
     return max(1, min(limits.max_batch_tokens, b))
 
 
-__all__ = ["snap_depth", "snap_width", "knee_budget", "covering_budget"]
+def covering_budget(budget: int, decode: list, prefill: list, max_batch_tokens: int = 1 << 30) -> int:
+    """A token budget that runs every planned chunk within the engine's batch limit.
 
-
-def covering_budget(budget: int, decode: list, prefill: list) -> int:
-    """A token budget that runs every planned chunk: engines reserve each decode entry's full
-    tree cap before prefill (sim_scheduler, embedded scheduler), so B >= sum caps + chunks."""
+    Engines reserve each decode entry's full tree cap before prefill (sim_scheduler, embedded
+    scheduler), so B >= sum caps + chunks. When that exceeds max(max_batch_tokens, entries),
+    trailing chunks shrink first, then the largest trees (entries and chunks are edited in place).
+    """
+    limit = max(max_batch_tokens, len(decode))
+    caps = sum(e.tree_cap for e in decode)
+    pre = sum(c.tokens for c in prefill)
+    excess = caps + pre - limit
+    while excess > 0 and prefill:
+        c = prefill[-1]
+        cut = min(excess, c.tokens)
+        c.tokens -= cut
+        excess -= cut
+        if c.tokens <= 0:
+            prefill.pop()
+    if excess > 0:  # shrink trees toward 1 node, largest first, one level at a time
+        level = max((e.tree_cap for e in decode), default=1)
+        while excess > 0 and level > 1:
+            level -= 1
+            for e in decode:
+                if e.tree_cap > level:
+                    excess -= e.tree_cap - level
+                    e.tree_cap = level
+                    if level == 1:
+                        e.depth, e.width = 0, 1
+                    elif e.min_tokens > level:
+                        e.min_tokens = float(level)
     need = sum(e.tree_cap for e in decode) + sum(c.tokens for c in prefill)
-    return budget if budget >= need else need
+    return min(max(budget, need), limit)
+
+
+__all__ = ["snap_depth", "snap_width", "knee_budget", "covering_budget"]

@@ -229,6 +229,11 @@ class UnifiedPolicy(Policy):
             if t_dec <= t_lim:
                 break
         decode_tokens = int(nodes.sum())
+        level = int(nodes.max(initial=1))
+        while decode_tokens > lim.max_batch_tokens and level > 1:  # the engine's batch limit
+            level -= 1
+            nodes = np.minimum(nodes, level)
+            decode_tokens = int(nodes.sum())
         steps = int(nodes.max(initial=1)) - 1
         b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
         b_max = max(b_max, decode_tokens)
@@ -330,7 +335,7 @@ class UnifiedPolicy(Policy):
             for r, a_i, m, d in zip(dec_all, targets, nodes.tolist(), depths)
             if r.rid not in gone
         ]
-        budget = covering_budget(packing.used + decode_tokens, decode, packing.chunks)
+        budget = covering_budget(packing.used + decode_tokens, decode, packing.chunks, lim.max_batch_tokens)
         self._t_running = t_plan
         decisions.extend(packing.decisions)
         return protos.Plan(
