@@ -81,17 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait(url, server, 300)
         with tempfile.TemporaryDirectory() as tmp:
-            for backend in args.backends.split(","):
+            backends = args.backends.split(",")
+            run = subprocess.run(
+                [sys.executable, "-m", "sglang_slo.server.bench_client", "--backends", ",".join(backends),
+                 "--out-dir", tmp, "--", "--base-url", url, "--tokenizer", args.model,
+                 "--dataset-name", "random-ids", "--random-input-len", str(args.input_len),
+                 "--random-output-len", str(args.output_len), "--random-range-ratio", "0.5",
+                 "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "1",
+                 "--disable-tqdm", "--goodput", *args.goodput.split()],
+                env=env, capture_output=True, text=True, timeout=1800)
+            for backend in backends:
                 out = Path(tmp) / f"{backend}.jsonl"
-                run = subprocess.run(
-                    [sys.executable, "-m", "sglang.bench_serving", "--backend", backend, "--base-url", url,
-                     "--tokenizer", args.model, "--dataset-name", "random-ids",
-                     "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-                     "--random-range-ratio", "0.5", "--num-prompts", str(args.num_prompts),
-                     "--request-rate", str(args.request_rate), "--seed", "1", "--disable-tqdm",
-                     "--goodput", *args.goodput.split(), "--output-file", str(out)],
-                    env=env, capture_output=True, text=True, timeout=900)
-                if run.returncode != 0 or not out.is_file():
+                if not out.is_file():
                     summary["backends"][backend] = {"error": (run.stderr or run.stdout)[-2000:]}
                     continue
                 res = json.loads(out.read_text().splitlines()[-1])
