@@ -5,8 +5,8 @@
 
     python -m eval.demo_serve --policies fcfs,slo_unified --out-dir results
 
-Steps: start the server with the first policy and measure its unloaded TPOT with a few
-sequential warm-up requests; draw the trace (tool-calling agent loops, reasoning think/answer,
+Steps: start the server without the draft (no speculation) and measure the target's unloaded
+TPOT with a few sequential warm-up requests; draw the trace (tool-calling agent loops, reasoning think/answer,
 coding, chat; lengths in tiny-model tokens, within its 256-token context) with every SLO
 scaled to m x that TPOT (configs/slo_classes.yaml `cpu_*_multiplier`, reference §2.4); then
 per policy: a fresh server subprocess on a free loopback port, replay the SAME trace over
@@ -45,6 +45,7 @@ CPU_PROFILE = ROOT / "configs" / "hardware" / "cpu-tiny.yaml"
 DEFAULT_MODEL_DIR = ROOT / "models" / "tiny-demo"  # trained here (quick settings) if no pair is committed
 QUICK_TRAIN = {"target_steps": 60, "draft_steps": 40, "max_corpus_bytes": 3_000_000}  # ~minutes on 2 cores
 TINY_CONTEXT = 256  # tokens: the tiny pair's max_position_embeddings
+CALIBRATION_POLICY = "fcfs"  # the unloaded TPOT is measured on this policy's server, without the draft
 
 
 # Mixed multi-SLO traffic in tiny-model tokens (every request fits the 256-token context).
@@ -100,16 +101,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`sglang-slo serve` as a subprocess on a free loopback port; a context manager."""
+    """`sglang-slo serve` as a subprocess on a free loopback port; a context manager.
+
+    model_dir holds target/ and draft/; speculation=False starts it without the draft."""
 
     def __init__(self, model_dir: Path, policy: str, log_path: Path, *, hardware: Path | None = None,
-                 unloaded_tpot_s: float | None = None, extra_args: tuple[str, ...] = ()):
+                 unloaded_tpot_s: float | None = None, speculation: bool = True, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "sglang_slo.cli", "serve", "--model", str(model_dir / "target"),
-               "--draft", str(model_dir / "draft"), "--policy", policy, "--port", str(self.port),
+               "--policy", policy, "--port", str(self.port),
                "--log-level", "WARNING", "--sidecar-log", str(log_path.with_suffix(".sidecar.log"))]
+        if speculation:
+            cmd += ["--draft", str(model_dir / "draft")]
         if hardware is not None:
             cmd += ["--hardware", str(hardware)]
         if unloaded_tpot_s:
@@ -194,6 +199,15 @@ def measure_unloaded_tpot(base_url: str, prompts: PromptTexts, *, requests: int 
     if not tpots:
         raise RuntimeError("warm-up requests produced no TPOT")
     return statistics.median(tpots)
+
+
+def calibrate(model: Path, prompts: PromptTexts, log_path: Path, hardware: Path | None = None) -> float:
+    """Unloaded TPOT of the target alone (server without the draft, `CALIBRATION_POLICY`), seconds.
+
+    The baseline of the CPU SLO scaling (reference §2.4; AdaServe's per-token baseline is
+    non-speculative): the same for every policy, independent of how much any policy speculates."""
+    with ServerProcess(model, CALIBRATION_POLICY, log_path, hardware=hardware, speculation=False) as srv:
+        return measure_unloaded_tpot(srv.url, prompts)
 
 
 # ---- the comparison ----------------------------------------------------------------------------
@@ -292,9 +306,10 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
                           unloaded_tpot_s: float | None = None, log=print) -> dict:
     """Replay one trace against the real server under each policy; measured vs simulated attainment.
 
-    policies: planner policies, in order; every server gets the same warm-up, which measures its
-    unloaded TPOT, and the first one's scales the trace's SLOs (unless `unloaded_tpot_s`, seconds,
-    is given). A policy whose server fails is reported and skipped (RuntimeError if all fail). rate: arrivals (agent loops count once) per
+    policies: planner policies, in order. Unless `unloaded_tpot_s` (seconds) is given, a first
+    server without the draft measures the unloaded TPOT that scales the trace's SLOs (`calibrate`).
+    Every policy's server gets the same warm-up (its own warm-up TPOT is reported). A policy whose
+    server fails is reported and skipped (RuntimeError if all fail). rate: arrivals (agent loops count once) per
     second over `duration_s` seconds; max_duration_s: per-policy replay limit. hardware: the
     CPU hardware profile for the servers' planner and the simulator (default
     configs/hardware/cpu-tiny.yaml; without one the servers use their default and no
@@ -311,27 +326,38 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
         raise ValueError(f"hardware profile not found: {hw}")
     from sglang_slo.engine.tokenizer import Tokenizer
 
-    prompts = PromptTexts(Tokenizer.load(model / "target"))
     runs: list[PolicyRun] = []
     failed: list[PolicyRun] = []
-    w: Workload | None = None
-    for policy in policies:
-        t0 = time.monotonic()
+    runnable = []
+    for policy in policies:  # before any server starts
         try:
             check_policy(policy)
+            runnable.append(policy)
+        except ValueError as e:
+            log(f"served demo: {policy}: FAILED: {e}")
+            failed.append(PolicyRun(policy, {}, None, error=str(e)))
+    if not runnable:
+        raise RuntimeError("no policy can run: " + "; ".join(f"{r.policy}: {r.error[:300]}" for r in failed))
+    prompts = PromptTexts(Tokenizer.load(model / "target"))
+    calibration = {"unloaded_tpot_s": unloaded_tpot_s, "source": "given"}
+    if unloaded_tpot_s is None:
+        unloaded_tpot_s = calibrate(model, prompts, out / "logs" / "served-calibration.log", hw)
+        calibration = {"unloaded_tpot_s": unloaded_tpot_s, "source": f"measured: {CALIBRATION_POLICY}, no speculation"}
+        log(f"served demo: unloaded TPOT {unloaded_tpot_s * 1000:.1f} ms ({calibration['source']})")
+    w: Workload | None = None
+    for policy in runnable:
+        t0 = time.monotonic()
+        try:
             with ServerProcess(model, policy, out / "logs" / f"served-{policy}.log", hardware=hw,
                                unloaded_tpot_s=unloaded_tpot_s) as srv:
                 startup = time.monotonic() - t0
                 own_tpot = measure_unloaded_tpot(srv.url, prompts)  # every server gets the same warm-up
                 if w is None:
-                    if unloaded_tpot_s is None:
-                        unloaded_tpot_s = own_tpot
-                        log(f"served demo: unloaded TPOT {own_tpot * 1000:.1f} ms (measured on {policy})")
                     w = demo_trace(unloaded_tpot_s, rate=rate, duration_s=duration_s, seed=seed)
                     log(f"served demo: {len(w.requests)} requests, {rate:g} arrivals/s over {duration_s:g} s")
                 res: ReplayResult = replay_sync(w, ClientConfig(base_url=srv.url), prompts,
                                                 ReplayConfig(max_duration_s=max_duration_s))
-        except (ValueError, RuntimeError, TimeoutError, OSError) as e:  # one policy failed: keep going
+        except (RuntimeError, TimeoutError, OSError) as e:  # one policy's server failed: keep going
             log(f"served demo: {policy}: FAILED: {str(e)[:2000]}")
             failed.append(PolicyRun(policy, {}, None, error=str(e)[:2000]))
             continue
@@ -359,7 +385,7 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
             f"{hw.name if hw else 'none'}")
     log("\n== served comparison: " + head + ("\n" + note if note else "") + "\n" + table)
     doc = {"policies": list(policies), "model_dir": str(model), "hardware": str(hw) if hw else None,
-           "unloaded_tpot_s": unloaded_tpot_s, "rate": rate, "duration_s": duration_s, "seed": seed,
+           "unloaded_tpot_s": unloaded_tpot_s, "calibration": calibration, "rate": rate, "duration_s": duration_s, "seed": seed,
            "requests": len(w.requests), "runs": [asdict(r) for r in runs + failed],
            "wall_s": time.monotonic() - t_start}
     (out / "served_demo.json").write_text(json.dumps(doc, indent=1))

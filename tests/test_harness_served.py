@@ -90,10 +90,13 @@ def test_overload_429_and_bad_requests_are_misses(server, prompts):
 
 def test_run_served_comparison_smoke(pair, tmp_path):
     lines = []
-    doc = run_served_comparison(("fcfs",), model_dir=pair, out_dir=tmp_path, rate=2.0, duration_s=4.0, seed=3,
-                                max_duration_s=90, log=lines.append)
-    run = doc["runs"][0]
-    assert doc["unloaded_tpot_s"] > 0 and run["policy"] == "fcfs"
+    doc = run_served_comparison(("fcfs", "no-such-policy"), model_dir=pair, out_dir=tmp_path, rate=2.0,
+                                duration_s=4.0, seed=3, max_duration_s=90, log=lines.append)
+    run, skipped = doc["runs"]
+    assert run["policy"] == "fcfs" and not run["error"]
+    assert skipped["policy"] == "no-such-policy" and "unknown policy" in skipped["error"]
+    assert doc["unloaded_tpot_s"] > 0 and doc["calibration"]["source"].startswith("measured")
+    assert run["unloaded_tpot_s"] > 0  # the policy's own warm-up
     overall = run["measured"]["overall"]
     assert overall["requests"] == doc["requests"] > 0
     assert overall["finished"] == doc["requests"], run["replay_stats"]
@@ -123,7 +126,7 @@ def test_demo_trace_fits_the_tiny_context_and_scales_slos():
 
 def test_a_policy_that_cannot_run_is_reported_not_fatal(pair, tmp_path):
     lines = []
-    with pytest.raises(RuntimeError, match="no-such-policy"):
+    with pytest.raises(RuntimeError, match="no-such-policy"):  # before any server starts
         run_served_comparison(("no-such-policy",), model_dir=pair, out_dir=tmp_path, rate=1.0, duration_s=1.0,
                               log=lines.append)
     assert any("FAILED" in x and "unknown policy" in x for x in lines)
