@@ -201,7 +201,7 @@ class UnifiedPolicy(Policy):
         # exp[i, m-1]: expected committed tokens of an m-node chain (a wider tree does better)
         exp = self._rows.gather(acc, s_rid + b_rid, dm, self._plans)
         left_tok = np.array(s_left + b_left, dtype=np.float64)
-        m_max = np.clip(left_tok, 1, dm + 1).astype(np.int64)  # no drafts past the output cap
+        m_max = np.minimum(np.maximum(left_tok, 1), dm + 1).astype(np.int64)  # no drafts past the output cap
 
         # ---- tree sizes: efficiency, floored by deadlines, cut until T_lim holds ----------
         steps_cost = cost.d_step_s * dm * cost.scale
@@ -351,7 +351,8 @@ class UnifiedPolicy(Policy):
     def _need(self, slack: np.ndarray, tpot: np.ndarray, t: float, exp: np.ndarray, dm: int) -> np.ndarray:
         """A_i: expected tokens request i must commit in an iteration ending t after start."""
         a = 1.0 + (t - slack) / tpot + self.config.margin
-        np.clip(a, 1.0, exp[:, dm], out=a)
+        np.maximum(a, 1.0, out=a)
+        np.minimum(a, exp[:, dm], out=a)
         return a
 
     @staticmethod
@@ -360,7 +361,7 @@ class UnifiedPolicy(Policy):
         n_slo = len(slack)
         if not n_slo:
             return max(t_floor, t_cap)
-        e = exp[np.arange(n_slo), nodes[:n_slo] - 1]
+        e = np.take_along_axis(exp[:n_slo], (nodes[:n_slo] - 1)[:, None], axis=1)[:, 0]
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()))) if t_ok.size else t_floor
