@@ -228,20 +228,10 @@ class EngineBridge:
 
     def _check_stage(self, s: RequestStream, start: int) -> None:
         """Advance the SLO stage when the current stage's end marker was generated."""
-        markers = s.job.stage_marker_ids
-        while s.stage < len(markers):
-            m = list(markers[s.stage])
-            if not m:
-                return
-            lo = max(0, start - len(m) + 1)
-            ids = s.output_ids
-            hit = next((i for i in range(lo, len(ids) - len(m) + 1) if ids[i : i + len(m)] == m), None)
-            if hit is None:
-                return
+        for first_token in new_stage_starts(s.output_ids, s.job.stage_marker_ids, s.stage, start):
             s.stage += 1
-            s.record.stage_starts = (s.record.stage_starts or [0]) + [hit + len(m)]
+            s.record.stage_starts = (s.record.stage_starts or [0]) + [first_token]
             self.driver.set_stage(s.rid, s.stage)
-            start = hit + len(m)
 
     def _finish(self, s: RequestStream, reason: FinishReason, message: str) -> None:
         s.finish = reason
@@ -266,6 +256,25 @@ class EngineBridge:
     def _post(self, items: list[tuple[RequestStream, Update]]) -> None:
         if items and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, items)
+
+
+def new_stage_starts(ids: Sequence[int], markers: Sequence[Sequence[int]], stage: int, new_from: int) -> list[int]:
+    """Output-token indices where later stages begin, given tokens `ids[new_from:]` just arrived.
+
+    `markers[i]` (token ids) ends stage i; the request is in `stage`. A marker counts once it
+    is complete, including one that straddles `new_from`; the next stage starts right after it.
+    """
+    starts, prev_end = [], 0
+    while stage < len(markers) and markers[stage]:
+        m = list(markers[stage])
+        i0 = max(prev_end, new_from - len(m) + 1, 0)
+        hit = next((i for i in range(i0, len(ids) - len(m) + 1) if list(ids[i : i + len(m)]) == m), None)
+        if hit is None:
+            break
+        stage += 1
+        prev_end = hit + len(m)
+        starts.append(prev_end)
+    return starts
 
 
 def _put_all(items: list[tuple[RequestStream, Update]]) -> None:
