@@ -13,6 +13,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eval.load_client import CallResult, ClientConfig, build_request, send_request, slo_annotation
 from eval.metrics import Outcome, meets_adaserve, meets_slos_serve, summarize
@@ -251,3 +253,49 @@ def test_replay_cli_on_a_saved_trace(server, tok, tmp_path, capsys):
     assert main(["--workload", str(tmp_path / "missing.json"), "--base-url", server.url,
                  "--tokenizer", str(tmp_path / "tok")]) == 2
     assert "replay:" in capsys.readouterr().err
+
+
+# ---- invariants on random inputs ---------------------------------------------------------------
+
+
+@st.composite
+def _traces(draw):
+    """Random traces of open requests and agent loops (each call after the previous one)."""
+    slo = Slo(ttft_s=1.0, tpot_s=0.1, slo_class="chat")
+    out = []
+    for i in range(draw(st.integers(0, 12))):
+        t = draw(st.floats(0, 10))
+        for k in range(draw(st.integers(1, 3))):
+            out.append(_req(f"r{i}-c{k}", t, 5, 5, slo, session_id=f"s{i}", after_rid=f"r{i}-c{k - 1}" if k else ""))
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(_traces(), st.integers(0, 40))
+def test_cut_trace_keeps_order_bound_and_closed_loops(trace, n):
+    cut = cut_trace(trace, n)
+    rids = [g.rid for g in cut]
+    assert rids == [g.rid for g in trace if g.rid in set(rids)]  # trace order kept
+    assert len(cut) <= (n or len(trace))
+    assert all(not g.after_rid or g.after_rid in set(rids[: rids.index(g.rid)]) for g in cut)
+    if n == 0 or n >= len(trace):
+        assert rids == [g.rid for g in trace]
+
+
+@settings(max_examples=100, deadline=None)
+@given(ttft=st.floats(0.001, 100), tpots=st.lists(st.floats(0.001, 10), min_size=1, max_size=2),
+       tokens=st.lists(st.integers(0, 5000), min_size=2, max_size=2), prio=st.integers(-5, 5),
+       best_effort=st.booleans(), session=st.text("abc-19", max_size=8))
+def test_slo_annotation_round_trips_through_the_server_intake(ttft, tpots, tokens, prio, best_effort, session):
+    from sglang_slo.slo import SloCatalog, parse_slo
+
+    stages = [Stage(tpot_s=t) for t in tpots] if len(tpots) == 2 else []
+    slo = Slo(ttft_s=ttft, tpot_s=tpots[0], stages=stages, slo_class="reasoning" if stages else "chat",
+              priority=prio, best_effort=best_effort)
+    got = parse_slo({"slo": slo_annotation(slo, session, tokens if stages else None)}, prio, {},
+                    SloCatalog.load("configs/slo_classes.yaml"))
+    assert got.slo.ttft_s == pytest.approx(ttft, abs=1e-6) and got.slo.tpot_s == pytest.approx(tpots[0], abs=1e-6)
+    assert got.slo.priority == prio and got.slo.best_effort == best_effort and got.session_id == session
+    assert [s.tpot_s for s in got.slo.stages] == pytest.approx([s.tpot_s for s in stages], abs=1e-6)
+    if stages:
+        assert [s.tokens for s in got.slo.stages] == tokens
