@@ -47,6 +47,8 @@ class Drafter:
         Returns (trees aligned with `reqs`, draft steps run, draft tokens fed, seconds spent
         in the draft model's forward + LM head).
         """
+        if all(w == 1 for w in widths):
+            return self._build_chains(reqs, depths)
         stats = [0, 0, 0.0]  # steps, tokens, model seconds
 
         def draft_step(f: Frontier) -> torch.Tensor:
@@ -62,6 +64,46 @@ class Drafter:
         roots = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long)
         trees = build_trees(draft_step, roots, depths, widths)
         return trees, stats[0], stats[1], stats[2]
+
+    @torch.inference_mode()
+    def _build_chains(self, reqs: list[Request], depths: list[int]) -> tuple[list[DraftTree], int, int, float]:
+        """Width-1 beam search (greedy chains) without the general tree bookkeeping: chain node
+        v sits at draft position N + v - 1 = its RoPE position, so every step is a plain
+        causal decode step. Same trees as `build_trees(..., width=1)`."""
+        logp, fed = self._catch_up(reqs)
+        model_s, steps = self._model_s, 1
+        toks: list[list[int]] = [[] for _ in reqs]
+        lps: list[list[float]] = [[] for _ in reqs]
+        active = list(range(len(reqs)))
+        for step in range(1, max(depths) + 1):
+            best, arg = logp.max(dim=-1)  # [len(active)]
+            for i, t, lp in zip(active, arg.tolist(), best.tolist()):
+                toks[i].append(t)
+                lps[i].append(lp)
+            active = [i for i in active if depths[i] > step]
+            if not active:
+                break
+            seqs, ids = [], []
+            for i in active:
+                r = reqs[i]
+                seqs.append(SequenceInput(self.tables.table(r.rid, draft=True), r.num_tokens + step - 1, 1))
+                ids.append(toks[i][-1])
+            batch = AttentionBatch.build(seqs, self.block_size, self.device)
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            t = time.perf_counter()
+            hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
+            logits = self.model.logits(hidden)
+            model_s += time.perf_counter() - t
+            logp = torch.log_softmax(logits, dim=-1)
+            fed += len(ids)
+            steps += 1
+        trees = []
+        for root, r_toks, r_lps in zip((r.output_ids[-1] for r in reqs), toks, lps):
+            n = len(r_toks)
+            dlp = torch.tensor([0.0] + r_lps)
+            trees.append(DraftTree(tokens=torch.tensor([root] + r_toks), parents=torch.arange(-1, n),
+                                   depth=torch.arange(n + 1), draft_logprob=dlp, path_logprob=dlp.cumsum(0)))
+        return trees, steps, fed, model_s
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Request, int]]) -> float:
