@@ -317,6 +317,9 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
     """
     if not policies:
         raise ValueError("policies must not be empty")
+    if max_duration_s <= 0:
+        raise ValueError("max_duration_s must be positive")
+    demo_trace(unloaded_tpot_s or 0.01, rate=rate, duration_s=duration_s, seed=seed)  # bad sizes fail before any server
     t_start = time.monotonic()
     model = resolve_model_dir(model_dir)
     out = Path(out_dir)

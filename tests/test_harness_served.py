@@ -132,6 +132,13 @@ def test_a_policy_that_cannot_run_is_reported_not_fatal(pair, tmp_path):
     assert any("FAILED" in x and "unknown policy" in x for x in lines)
 
 
+def test_bad_sizes_fail_before_any_server(pair, tmp_path):
+    for kw in ({"rate": 0.0}, {"duration_s": -1.0}, {"max_duration_s": 0.0}):
+        with pytest.raises(ValueError):
+            run_served_comparison(("fcfs",), model_dir=pair, out_dir=tmp_path, **kw)
+    assert not (tmp_path / "logs").exists()
+
+
 def test_server_that_exits_is_a_clear_error(tmp_path):
     (tmp_path / "target").mkdir()
     (tmp_path / "draft").mkdir()
