@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-capacity-tokens", type=int, default=65536, help="KV slots of the profiled engine")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="largest forward the engine runs")
     parser.add_argument("--new-tokens", type=int, default=12, help="output tokens per request in an episode")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="run each episode this often and average identical iterations (noise)")
     parser.add_argument("--grid", choices=["full", "quick", "smoke"], default="full",
                         help="sweep size: full (the profile), quick (~1/4), smoke (tests only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,6 +96,30 @@ def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: in
                          cpu, r.end_s - r.start_s))
         accepted += [p.accepted for p in r.progress if p.verified]
     return rows, accepted
+
+
+def repeated(run, repeats: int, rng: random.Random | None = None) -> tuple[list[tuple], list[int]]:
+    """`run(rng)` (one episode) `repeats` times from the same state; each row's seconds are
+    averaged over the repeats whose row has the same features (deterministic episodes repeat
+    exactly): the expected iteration time, with per-iteration noise reduced by ~sqrt(repeats)."""
+    state = rng.getstate() if rng is not None else None
+    rows, acc = run(rng)
+    if repeats <= 1:
+        return rows, acc
+    sums = [list(r) for r in rows]
+    counts = [1] * len(rows)
+    for _ in range(repeats - 1):
+        if rng is not None:
+            rng.setstate(state)
+        again, _ = run(rng)
+        if len(again) != len(rows):
+            continue
+        for i, (a, b) in enumerate(zip(rows, again)):
+            if a[:5] == b[:5]:
+                sums[i][5] += b[5]
+                sums[i][6] += b[6]
+                counts[i] += 1
+    return [tuple(r[:5]) + (r[5] / c, r[6] / c) for r, c in zip(sums, counts)], acc
 
 
 def grid(size: str, spec: bool):
@@ -180,15 +206,16 @@ def run(args: argparse.Namespace) -> int:
     held = []
     for i, (conc, plen, chunk, (depth, width)) in enumerate(points):
         prompts = [p[: min(plen, room)] for p in rng.sample(pool, conc)]
-        got, acc = episode(engine, prompts, args.new_tokens, chunk, depth, width, 1 + depth * width,
-                           args.max_batch_tokens)
+        got, acc = repeated(lambda _: episode(engine, prompts, args.new_tokens, chunk, depth, width,
+                                              1 + depth * width, args.max_batch_tokens), args.repeats)
         rows += got[1:]  # first step of an episode carries one-off costs (prompt pages, allocs)
         if width == 1 and depth:
             acc_by_depth.setdefault(depth, []).extend(acc)
         if i % every == every - 1:
             conc = held_rng.choice([1, 3, 6, 12, 24])
             prompts = [p[: held_rng.randint(8, room)] for p in held_rng.sample(pool, conc)]
-            held += episode(engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=held_rng)[0][1:]
+            held += repeated(lambda g: episode(engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=g),
+                             args.repeats, held_rng)[0][1:]
     # Noise floor: one deterministic episode (fixed shapes, greedy) timed twice, row by row.
     fixed = [p[:64] for p in pool[:8]]
     t1, t2 = (np.array([r[5] for r in episode(engine, fixed, args.new_tokens, 64, 2, 1, 3, 1024)[0][1:]])
@@ -213,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             f"{len(rows)} engine iterations (CPU seconds of Engine.step on its thread, OMP=1) over a grid of\n"
             f"concurrency, prompt length, prefill chunk and draft depth/width, fit by CostModel.fit.\n"
             f"CPU time is the work's own cost; the planner's online `scale` absorbs contention.\n"
+            f"Each episode ran {args.repeats}x; identical iterations are averaged.\n"
             f"Held-out random mixes ({len(held)} iterations): {json.dumps(err_held)}.\n"
             f"Noise floor (same held-out iterations timed twice): {json.dumps(noise)}.\n"
             f"Acceptance: greedy chains of depth {deepest}, per-position conditional rates.\n"),
