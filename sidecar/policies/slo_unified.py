@@ -79,6 +79,10 @@ class UnifiedConfig:
     a new request waits ~2 iterations (running + planned) before its prefill even starts."""
     ttft_memory_s: float = 5.0
     """How long a tight TTFT keeps iterations short after the last such request, seconds."""
+    anchor_first_token: bool = True
+    """Pace tokens from the actual first token (t0 = first-token time) rather than from
+    max(TTFT deadline, first token): stricter than the deadline schedule when the first token
+    is early, so the mean TPOT (AdaServe's attainment) holds too, not only every deadline."""
     alpha_refresh: int = 8
     """Plans between re-reads of a request's acceptance estimate (incremental state)."""
 
@@ -145,6 +149,7 @@ class UnifiedPolicy(Policy):
         reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available)
         ratio_kv = cfg.new_token_ratio
         staged = self._staged_deadline
+        anchor_first = cfg.anchor_first_token
         for r in st.requests.values():
             dec = r.decision
             if dec == _ADMIT or dec == _BE:
@@ -159,13 +164,15 @@ class UnifiedPolicy(Policy):
                     s_ctx.append(pf + dd)
                     s_left.append(rest)
                     slo = r.slo
+                    t0 = r.arrival_s + slo.ttft_s
+                    ft = r.first_token_s
                     if slo.stages:
                         d, tp = staged(r)
+                        if anchor_first and 0.0 < ft < t0:
+                            d -= t0 - ft
                     else:
                         tp = slo.tpot_s
-                        t0 = r.arrival_s + slo.ttft_s
-                        ft = r.first_token_s
-                        d = (ft if ft > t0 else t0) + dd * tp
+                        d = (ft if ft > t0 or (anchor_first and ft > 0.0) else t0) + dd * tp
                     s_dl.append(d)
                     s_tpot.append(tp)
                 else:
