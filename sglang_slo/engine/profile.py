@@ -144,32 +144,6 @@ def conditional_acceptance(accepted: list[int], depth: int) -> list[float]:
     return [round(min(x, 0.99), 3) for x in out]
 
 
-def fit_relative(rows: list[tuple], knee_grid: list[int] | None = None) -> CostModel:
-    """CostModel coefficients minimizing squared *relative* error (what MAPE measures):
-    non-negative least squares on features / measured seconds, knee picked from a grid.
-    Same features and form as `CostModel.iteration_time`."""
-    from scipy.optimize import nnls
-
-    a = np.asarray(rows, dtype=np.float64)
-    prefill, verify, steps, ctx, dtok, y = (a[:, i] for i in range(6))
-    n = prefill + verify
-    grid = knee_grid or sorted({0} | {int(k) for k in np.quantile(n, np.linspace(0.05, 0.95, 19))})
-    best = None
-    for knee in grid:
-        x = np.stack([np.ones_like(n), n, np.maximum(0.0, n - knee), ctx, prefill * prefill, steps, dtok], 1)
-        xs = x / y[:, None]
-        norms = np.linalg.norm(xs, axis=0)
-        norms[norms == 0] = 1.0
-        coef, _ = nnls(xs / norms, np.ones_like(y))
-        coef = coef / norms
-        err = float(np.sum((x @ coef / y - 1.0) ** 2))
-        if best is None or err < best[0]:
-            best = (err, coef, knee)
-    _, c, knee = best
-    names = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s")
-    return CostModel(**{k: float(v) for k, v in zip(names, c)}, knee_tokens=int(knee))
-
-
 def seconds(rows: list[tuple], wall: bool = False) -> list[tuple]:
     """6-column rows for CostModel.fit with CPU (default) or wall seconds."""
     return [r[:5] + (r[6] if wall else r[5],) for r in rows]
@@ -242,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             f"CPU time is the work's own cost; the planner's online `scale` absorbs contention.\n"
             f"Each episode ran {args.repeats}x; identical iterations are averaged.\n"
             f"Held-out random mixes ({len(held)} iterations): {json.dumps(err_held)}.\n"
-            f"Noise floor (same held-out iterations timed twice): {json.dumps(noise)}.\n"
+            f"Noise floor (one fixed episode timed twice back to back): {json.dumps(noise)}.\n"
             f"Acceptance: greedy chains of depth {deepest}, per-position conditional rates.\n"),
         "engine": EngineLimits.from_hello(hello).__dict__ | {"depth_tiers": []},
         "cost": {k: (int(v) if k == "knee_tokens" else float(f"{v:.6g}")) for k, v in fitted.coefficients().items()},
