@@ -122,6 +122,17 @@ def test_plan_preempt_frees_kv_and_requeues():
     assert a.prefill_target == a.num_tokens - 1
 
 
+def test_decisions_apply_once_per_plan():
+    s = make_scheduler()
+    s.add(make_request("a"))
+    fake_run(s, s.schedule(None, 0.0))
+    p = plan(prefill=[("a", 64)], decisions=[("a", protos.Decision.PREEMPT)])
+    s.schedule(p, now=0.0)  # preempted, then re-admitted by the plan's own prefill chunk
+    assert s.running[0].rid == "a" and s.num_preemptions == 1
+    fake_run(s, s.schedule(p, now=0.0))  # the same plan again: no second preemption
+    assert s.num_preemptions == 1 and s.running[0].rid == "a"
+
+
 def test_kv_exhaustion_preempts_best_effort_first_never_crashes():
     # 10 blocks of 4 tokens: room for two 16-token requests, not three.
     s = make_scheduler(num_blocks=10, block_size=4, draft_blocks=0, fallback_budget=64)

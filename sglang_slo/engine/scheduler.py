@@ -105,6 +105,7 @@ class Scheduler:
         self.last_budget = config.fallback_budget
         self.last_entries: dict[str, protos.DecodeEntry] = {}  # rid -> last planned spec params
         self.num_preemptions = 0
+        self._decided: protos.Plan | None = None  # plan whose admission decisions were applied
 
     # ---- queues ------------------------------------------------------------------------
 
@@ -141,7 +142,9 @@ class Scheduler:
         fresh = plan is not None and now <= plan.valid_until_s
         batch = ScheduledBatch(plan_step=plan.step if fresh else -1)
         if fresh:
-            self._apply_decisions(plan, batch)
+            if plan is not self._decided:  # decisions act once per plan, not on every step it covers
+                self._apply_decisions(plan, batch)
+                self._decided = plan
             self.last_budget = max(1, plan.token_budget)
             for e in plan.decode:
                 self.last_entries[e.rid] = e
