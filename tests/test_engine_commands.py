@@ -38,7 +38,7 @@ def test_bench_engine_prints_consistent_json(pair_dir, capsys):
     assert single["iterations"] == 12 * 4 and single["mean_accepted_per_verify"] == 0.0
     assert 0 < spec["mean_accepted_per_verify"] <= 3 and spec["iterations"] < 12 * 4  # drafts accepted
     assert out["spec_speedup"] == pytest.approx(spec["tokens_per_s"] / single["tokens_per_s"], rel=1e-2)
-    assert set(out["concurrent"]["3"]) == {"plain", "spec"}
+    assert set(out["concurrent"]["3"]) == {"plain", "spec", "spec_speedup"}
     assert out["concurrent"]["3"]["plain"]["python_overhead_fraction"] >= 0
 
 

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent requests")
     parser.add_argument("--single-prompts", type=int, default=4,
                         help="single stream: prompts run one after another (acceptance varies by prompt)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per point (best is reported)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="single stream: passes over the prompts (summed); concurrent: runs (best kept)")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep single-stream speculation over depth x width and report each")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
@@ -157,11 +158,6 @@ def _combine(runs: list[dict]) -> dict:
     }
 
 
-def _best(fn, repeats: int) -> dict:
-    runs = [fn() for _ in range(max(1, repeats))]
-    return max(runs, key=lambda r: r["tokens_per_s"])
-
-
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     target, draft, where = _models(args)
@@ -178,33 +174,46 @@ def run(args: argparse.Namespace) -> int:
         "spec": {"depth": args.depth, "width": args.width, "tree_cap": args.tree_cap or 1 + args.depth * args.width},
     }
     singles = prompts[: args.single_prompts]
-
-    def single(draft_model, depth=0, width=1, cap=0) -> dict:
-        """Single stream: the prompts one after another, each alone in the engine."""
-        runs = [run_point(target, draft_model, [p], args.new_tokens, depth, width, cap) for p in singles]
-        return _combine(runs)
-
-    base = _best(lambda: single(None), args.repeats)
-    out["single_stream"] = base
+    # Single stream: each prompt alone in the engine. Plain and speculative runs are
+    # interleaved prompt by prompt (A/B/A/B...), so a shared machine's load drift hits every
+    # configuration alike and the ratios stay meaningful.
+    configs = {"plain": (None, 0, 1, 0)}
     if draft is not None and args.depth > 0:
-        spec = _best(lambda: single(draft, args.depth, args.width, args.tree_cap), args.repeats)
-        out["single_stream_spec"] = spec
+        configs["spec"] = (draft, args.depth, args.width, args.tree_cap)
+        if args.sweep:
+            for d, w in [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2)]:
+                configs[f"d{d}w{w}"] = (draft, d, w, 0)
+    runs: dict[str, list[dict]] = {k: [] for k in configs}
+    for _ in range(max(1, args.repeats)):
+        for p in singles:
+            for name, (dm, d, w, cap) in configs.items():
+                runs[name].append(run_point(target, dm, [p], args.new_tokens, d, w, cap))
+    single = {k: _combine(v) for k, v in runs.items()}
+    base = out["single_stream"] = single["plain"]
+    if "spec" in single:
+        spec = out["single_stream_spec"] = single["spec"]
         out["spec_speedup"] = round(spec["tokens_per_s"] / base["tokens_per_s"], 3)
         out["spec_speedup_cpu"] = round(spec["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 3)
-        if args.sweep:
-            out["spec_sweep"] = []
-            for d, w in [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2)]:
-                r = _best(lambda: single(draft, d, w), args.repeats)
-                out["spec_sweep"].append({"depth": d, "width": w, "tokens_per_s": r["tokens_per_s"],
-                                          "tokens_per_cpu_s": r["tokens_per_cpu_s"],
-                                          "mean_accepted_per_verify": r["mean_accepted_per_verify"]})
+    if args.sweep and "spec" in single:
+        out["spec_sweep"] = [
+            {"depth": configs[k][1], "width": configs[k][2], "tokens_per_s": r["tokens_per_s"],
+             "tokens_per_cpu_s": r["tokens_per_cpu_s"], "mean_accepted_per_verify": r["mean_accepted_per_verify"],
+             "speedup": round(r["tokens_per_s"] / base["tokens_per_s"], 3),
+             "speedup_cpu": round(r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"], 3)}
+            for k, r in single.items() if k.startswith("d")]
     out["concurrent"] = {}
-    for c in args.concurrency:
-        point = {"plain": _best(lambda: run_point(target, None, prompts[:c], args.new_tokens), args.repeats)}
-        if draft is not None and args.depth > 0:
-            point["spec"] = _best(lambda: run_point(target, draft, prompts[:c], args.new_tokens, args.depth,
-                                                    args.width, args.tree_cap), args.repeats)
-        out["concurrent"][str(c)] = point
+    for c in args.concurrency:  # all c requests at once; plain and spec runs alternate
+        point: dict[str, list[dict]] = {"plain": []}
+        if "spec" in configs:
+            point["spec"] = []
+        for _ in range(max(1, args.repeats)):
+            for name in point:
+                dm, d, w, cap = configs[name]
+                point[name].append(run_point(target, dm, prompts[:c], args.new_tokens, d, w, cap))
+        out["concurrent"][str(c)] = {k: _combine(v) for k, v in point.items()}
+        if "spec" in point:
+            res = out["concurrent"][str(c)]
+            res["spec_speedup"] = round(res["spec"]["tokens_per_s"] / res["plain"]["tokens_per_s"], 3)
     out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
