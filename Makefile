@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# The SGLang CPU set (mk/sglang.mk) is part of the test install: the plugin is tested against
+# the real SGLang 0.5.23 classes and server.
+test: install sglang-cpu
 	$(PY) -m pytest -q tests
 
 demo: install

@@ -25,6 +25,8 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="embedded", choices=["embedded"],
+                   help="serving engine (this launcher: the embedded runtime; `sglang` routes to the plugin)")
     p.add_argument("--model", required=True, help="target model directory (HF Llama: config.json, "
                    "model.safetensors, tokenizer.json)")
     p.add_argument("--draft", default=None, help="draft model directory (enables speculative decoding)")
