@@ -261,10 +261,11 @@ def test_unified_rejects_late_requests_but_keeps_agent_sessions_best_effort():
     late_call.session_id = "agent-1"
     fine.arrival_s = st.now_s
     fine.slo = protos.Slo(5.0, 0.1, slo_class="chat")
-    plan = make_policy("slo_unified").plan(make_ctx(st))
+    plan = make_policy("slo_unified", reject_late=True).plan(make_ctx(st))
     d = {x.rid: x.decision for x in plan.decisions}
     assert d[late.rid] == protos.Decision.REJECT
     assert d.get(late_call.rid, protos.Decision.BEST_EFFORT) == protos.Decision.BEST_EFFORT
     assert d[fine.rid] == protos.Decision.ADMIT
-    keep = make_policy("slo_unified", reject_late=False).plan(make_ctx(st))
+    keep = make_policy("slo_unified").plan(make_ctx(st))  # default: late ones run best effort
     assert all(x.decision != protos.Decision.REJECT for x in keep.decisions)
+    assert {x.rid: x.decision for x in keep.decisions}.get(late.rid) in (None, protos.Decision.BEST_EFFORT)

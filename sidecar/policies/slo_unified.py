@@ -68,7 +68,7 @@ class UnifiedConfig:
     TPOT leaves no room for a late start."""
     best_effort: bool = True
     """Requests that cannot meet their TTFT run best effort (else they are rejected)."""
-    reject_late: bool = True
+    reject_late: bool = False
     """Reject late requests outright unless they belong to an agent session (rejecting a call
     cancels the session's later calls, which may still meet their own SLOs): a hopeless
     request's KV and its share of every iteration's KV reads go to requests that can make it."""
@@ -79,6 +79,11 @@ class UnifiedConfig:
     a new request waits ~2 iterations (running + planned) before its prefill even starts."""
     ttft_memory_s: float = 5.0
     """How long a tight TTFT keeps iterations short after the last such request, seconds."""
+    keep_sessions: bool = True
+    """With reject_late: late agent-session calls run best effort instead of being rejected."""
+    kv_footprint_order: bool = True
+    """When free KV cannot hold every feasible admission, admit by ascending KV x time
+    footprint ((new prompt + max_new/2) * max_new) instead of EDF: maximizes requests served."""
     anchor_first_token: bool = True
     """Pace tokens from the actual first token (t0 = first-token time) rather than from
     max(TTFT deadline, first token): stricter than the deadline schedule when the first token
@@ -268,11 +273,14 @@ class UnifiedPolicy(Policy):
                     load = 1.0 / (r.tpot_now * cfg.decode_efficiency)
                     jobs.append(Job(r.ttft_deadline_s - lead, r.prompt_tokens - r.prefilled, max(load, 1.0 / t_lim)))
             ok = admit_edf(jobs, start, capacity, base_load, cfg.admit_slack_s)
-            for r, yes in zip(fresh, ok[len(slo_pre):]):
-                if not yes:
-                    self.counters["declined"] += 1
-                    continue
-                need_kv = kv_need(r, cfg.new_token_ratio)
+            feasible = [r for r, yes in zip(fresh, ok[len(slo_pre):]) if yes]
+            self.counters["declined"] += len(fresh) - len(feasible)
+            needs = [kv_need(r, cfg.new_token_ratio) for r in feasible]
+            if cfg.kv_footprint_order and sum(needs) > kv_left:
+                # KV binds: the most requests fit when the smallest KV x time footprints go first
+                order = sorted(range(len(feasible)), key=lambda i: _kv_footprint(feasible[i]))
+                feasible, needs = [feasible[i] for i in order], [needs[i] for i in order]
+            for r, need_kv in zip(feasible, needs):
                 if need_kv <= kv_left:
                     kv_left -= need_kv
                     admitted_now.append(r)
@@ -316,7 +324,7 @@ class UnifiedPolicy(Policy):
         if cfg.reject_late:
             keep = []
             for r in late:
-                if r.slo.best_effort or r.session_id:
+                if r.slo.best_effort or (r.session_id and cfg.keep_sessions):
                     keep.append(r)
                 else:
                     decisions.append(protos.AdmissionDecision(r.rid, Decision.REJECT))
@@ -324,7 +332,7 @@ class UnifiedPolicy(Policy):
         if cfg.best_effort:
             late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=lambda r: r.seq)
             packing.kv_left = kv_left
-            pack(late_queue, room, kv_left, cfg.new_token_ratio, _BE, out=packing)
+            pack(late_queue, room, kv_left, cfg.new_token_ratio, _BE, out=packing, head_of_line=False)
         else:
             decisions.extend(protos.AdmissionDecision(r.rid, Decision.REJECT) for r in late if not r.slo.best_effort)
 
@@ -372,6 +380,13 @@ class UnifiedPolicy(Policy):
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()))) if t_ok.size else t_floor
+
+
+def _kv_footprint(r) -> float:
+    """KV token-steps a request adds if admitted: its not-yet-resident prompt plus half its output,
+    held for its output length (a cached prefix is held while it waits anyway)."""
+    out = r.max_new_tokens - r.decoded
+    return (r.prompt_tokens - r.prefilled + 0.5 * out) * max(1, out)
 
 
 def _prefill_room(cost, room: int, b_max: int, decode: int, steps: int, context: int, n_all: int) -> int:
