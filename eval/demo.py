@@ -1,11 +1,15 @@
-"""`sglang-slo demo` (run by `make demo`): every policy side by side on simulated engines.
+"""`sglang-slo demo` (run by `make demo`): policies side by side, simulated and served for real.
 
-Scenarios (simulator; the embedded real engine is added by the lead later):
+Simulated scenarios:
   1. mixed multi-SLO traffic (agent loops, reasoning, coding, chat) on an H100 running
      Llama-3.1-8B + EAGLE-3 (configs/hardware/h100-llama3.1-8b-eagle3.yaml);
   2. AdaServe's own evaluation mix on 8x A100 running Llama-3.1-70B + a 1B draft
      (configs/hardware/a100-llama3.1-70b-1b-draft.yaml); TTFT is not targeted there, so the
      AdaServe attainment definition is the meaningful one.
+Served scenario (unless --no-serve): the real embedded server (`sglang-slo serve`, tiny pair,
+planner sidecar over ZeroMQ) under `fcfs` and `slo_unified`, one short mixed multi-SLO trace
+replayed over HTTP, measured per-class attainment beside the simulator's prediction
+(eval/demo_serve.py; results/served_demo.{json,md}).
 Prints one table per scenario and writes results/demo.json and results/demo.md.
 """
 
@@ -50,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a third of the arrival window (smoke run)")
     p.add_argument("--sweep", action="store_true", help="also find each policy's capacity (slow: minutes per policy)")
     p.add_argument("--over-zmq", action="store_true", help="run each planner as a `python -m sidecar` process")
+    p.add_argument("--no-serve", action="store_true", help="skip the served comparison on the real embedded server")
+    p.add_argument("--served-policies", default="fcfs,slo_unified", help="policies of the served comparison")
 
 
 def _available(names: list[str]) -> list[str]:
@@ -106,6 +112,18 @@ def run(args: argparse.Namespace) -> int:
         doc["scenarios"][sc.name] = {"workload": sc.workload, "hardware": sc.hardware, "rate": sc.rate,
                                      "duration_s": duration, "requests": len(w.requests), "unloaded_tpot_s": base,
                                      "results": results, "capacity": capacity, "wall_s": wall}
+    if not args.no_serve:
+        from eval.demo_serve import run_served_comparison
+
+        served_policies = [p.strip() for p in args.served_policies.split(",") if p.strip()]
+        print(f"\n== served: real `sglang-slo serve` (embedded runtime, tiny pair) under {', '.join(served_policies)}")
+        try:
+            doc["served"] = run_served_comparison(served_policies, out_dir=out_dir, seed=args.seed)
+            md += ["## served (real embedded server, CPU tiny pair)", "",
+                   "See served_demo.md for the per-class table (measured vs simulated).", ""]
+        except (ValueError, RuntimeError, TimeoutError) as e:
+            print(f"demo: served comparison failed: {e}", file=sys.stderr)
+            doc["served"] = {"error": str(e)}
     doc["wall_s"] = time.perf_counter() - t0
     (out_dir / "demo.json").write_text(json.dumps(doc, indent=1))
     (out_dir / "demo.md").write_text("\n".join(md))
