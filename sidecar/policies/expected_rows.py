@@ -68,16 +68,16 @@ class ExpectedRows:
                 new.append(s)
             slots[i] = s
         idx = np.fromiter(slots, dtype=np.int64, count=n)
+        fresh = np.asarray(new, dtype=np.int64)
         if new:
-            fresh = np.asarray(new, dtype=np.int64)
-            stamp[fresh] = plan_no - 1 - fresh % self.refresh  # stagger future refreshes
-            due = np.union1d(idx[plan_no - stamp[idx] >= self.refresh], fresh)
-        else:
-            due = idx[plan_no - stamp[idx] >= self.refresh]
+            stamp[fresh] = plan_no - self.refresh  # due now
+        due = idx[plan_no - stamp[idx] >= self.refresh]
         if due.size and depth:
             alphas = np.array([acceptance.alphas(rid_of[s], depth) for s in due.tolist()], dtype=np.float64)
             self._mat[due] = expected_table(alphas.reshape(len(due), depth))
-            stamp[due] = plan_no
+        stamp[due] = plan_no
+        if new:  # stagger the next refresh of new rows by slot, so ~1/refresh come due per plan
+            stamp[fresh] = plan_no - fresh % self.refresh
         if len(slot_of) > 2 * n + 64:  # forget finished requests
             live = set(rids)
             for rid in [r for r in slot_of if r not in live]:

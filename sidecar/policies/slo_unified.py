@@ -88,7 +88,7 @@ class UnifiedConfig:
     """Pace tokens from the actual first token (t0 = first-token time) rather than from
     max(TTFT deadline, first token): stricter than the deadline schedule when the first token
     is early, so the mean TPOT (AdaServe's attainment) holds too, not only every deadline."""
-    alpha_refresh: int = 8
+    alpha_refresh: int = 16
     """Plans between re-reads of a request's acceptance estimate (incremental state)."""
 
     def __post_init__(self):
