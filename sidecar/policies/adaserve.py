@@ -135,7 +135,7 @@ class AdaServePolicy(Policy):
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
-            token_budget=covering_budget(budget, decode, packing.chunks),
+            token_budget=covering_budget(budget, decode, packing.chunks, lim.max_batch_tokens),
             prefill=packing.chunks,
             decode=decode,
             decisions=packing.decisions,

@@ -87,7 +87,7 @@ class SpecServePolicy(Policy):
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
-            token_budget=covering_budget(max(budget, 1), decode, packing.chunks),
+            token_budget=covering_budget(max(budget, 1), decode, packing.chunks, lim.max_batch_tokens),
             prefill=packing.chunks,
             decode=decode,
             decisions=packing.decisions,
