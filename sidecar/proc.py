@@ -35,6 +35,8 @@ class PlannerProc:
         self.channel = PlannerChannel(endpoint)
         self.endpoint = self.channel.endpoint
         self.engine_id: bytes | None = None
+        self.simulated_clock = False
+        """The engine is the simulator: its clock only moves between iterations."""
         self._stop = False
         self.plans_sent = 0
         self._window = [0, 0.0, 0.0]  # plans, summed latency (s), max latency (s) since the last stats line
@@ -118,16 +120,22 @@ class PlannerProc:
         )
         if accepted:
             self.engine_id = engine_id
+            self.simulated_clock = hello.engine == "sim"
+            # Off the critical path only where latency is real; a simulated engine gets the
+            # same order as in-process planning (refit, then plan).
+            self.planner.defer_upkeep = not self.simulated_clock
             self.planner.observe(hello)
             log.info("planner: engine %r (%s) connected, config %s", engine_id, hello.engine, hello.config_hash)
         else:
             log.warning("planner: refused engine %r: %s", engine_id, reason)
 
     def _send_plan(self, basis: protos.IterationReport | protos.Resync, recv_t: float) -> None:
-        # Engine clock "now": the basis' time plus what elapsed here since it arrived
-        # (robust to a clock offset between processes).
+        # Engine clock "now": the basis' time plus what elapsed here since it arrived (robust
+        # to a clock offset between processes). A simulated engine's clock stands still while
+        # it waits for the plan, so there "now" is the basis' time exactly (and runs over ZMQ
+        # reproduce in-process runs).
         base_s = basis.end_s if isinstance(basis, protos.IterationReport) else basis.now_s
-        now_s = base_s + (time.monotonic() - recv_t)
+        now_s = base_s if self.simulated_clock else base_s + (time.monotonic() - recv_t)
         try:
             plan = self.planner.plan(now_s, step=basis.step + 2 if isinstance(basis, protos.IterationReport) else basis.step + 1)
         except Exception:

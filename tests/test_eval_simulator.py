@@ -42,7 +42,7 @@ def test_deterministic_for_a_seed():
     assert trace(c) != trace(a)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "slo_unified"])
 def test_in_process_equals_over_zmq(policy):
     w = small_mixed(rate=4.0, duration=4.0, seed=2)
     local = simulate(w, H100, policy, seed=0)
