@@ -121,9 +121,16 @@ class Planner:
     def _project_inflight(self, step: int) -> None:
         """Count prefill chunks of plans for steps after `step` as done: the engine is running
         them while we plan (pipelining), so planning from the report alone would schedule the
-        same prompt tokens twice. The next report replaces these projections with facts."""
-        self._inflight = [p for p in self._inflight if p.step > step]
+        same prompt tokens twice. Projections are rebuilt from the last reported facts at
+        every report, so a chunk the engine never ran (its plan was replaced, KV was full)
+        stops counting once its step is reported, and no chunk is counted twice."""
         requests = self.state.requests
+        for plan in self._inflight:  # back to facts for everything projected so far
+            for c in plan.prefill:
+                req = requests.get(c.rid)
+                if req is not None:
+                    req.prefilled = req.reported_prefilled
+        self._inflight = [p for p in self._inflight if p.step > step]
         for plan in self._inflight:
             for c in plan.prefill:
                 req = requests.get(c.rid)

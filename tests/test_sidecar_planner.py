@@ -85,6 +85,21 @@ def test_pipelined_plans_do_not_schedule_a_chunk_twice(planner):
     assert planner.state.requests["a"].prefilled == 1024
 
 
+def test_a_planned_chunk_that_never_ran_stops_counting_once_its_step_is_reported(planner):
+    planner.observe(arrived("a", prompt=2000))
+    planner.observe(report(0, 0.01))
+    planner.plan(0.01)  # step 2: a's first 512
+    planner.observe(report(1, 0.03, plan_step=-1))
+    p3 = planner.plan(0.03)  # step 3: a's next 512, on top of the projected first chunk
+    assert [(c.rid, c.tokens) for c in p3.prefill] == [("a", 512)]
+    # Step 2 ran without a (KV was full): only plan 3's chunk is still projected, once.
+    planner.observe(report(2, 0.05, kv_free=0))
+    assert planner.state.requests["a"].prefilled == 512
+    planner.observe(report(3, 0.07, kv_free=0))
+    assert planner.state.requests["a"].prefilled == 0
+    assert [(c.rid, c.tokens) for c in planner.plan(0.07).prefill] in ([], [("a", 512)])
+
+
 def test_unknown_rids_are_skipped_not_fatal(planner, caplog):
     planner.observe(report(0, 0.01, [m.RequestProgress("ghost", 10, 1)]))
     planner.observe(m.RequestFinished("ghost2", m.FinishReason.ABORT, 0, 0.02))
