@@ -81,6 +81,9 @@ class UnifiedConfig:
     """How long a tight TTFT keeps iterations short after the last such request, seconds."""
     keep_sessions: bool = True
     """With reject_late: late agent-session calls run best effort instead of being rejected."""
+    admit_resident: bool = True
+    """Admit a request whose cached prefix is resident when its new tokens fit the free KV,
+    even if the output reservations of running requests would block it."""
     kv_footprint_order: bool = True
     """When free KV cannot hold every feasible admission, admit by ascending KV x time
     footprint ((new prompt + max_new/2) * max_new) instead of EDF: maximizes requests served."""
@@ -280,9 +283,14 @@ class UnifiedPolicy(Policy):
                 # KV binds: the most requests fit when the smallest KV x time footprints go first
                 order = sorted(range(len(feasible)), key=lambda i: _kv_footprint(feasible[i]))
                 feasible, needs = [feasible[i] for i in order], [needs[i] for i in order]
+            free_now = st.kv_free_tokens - sum(r.prompt_tokens - r.prefilled for r in slo_pre)
             for r, need_kv in zip(feasible, needs):
-                if need_kv <= kv_left:
+                # A request whose cached prefix is already resident pins that KV while it waits;
+                # admitting it (its new tokens fit in what is actually free) is what releases it.
+                resident = cfg.admit_resident and r.cached_prefix_tokens > 0
+                if need_kv <= kv_left or (resident and need_kv <= free_now):
                     kv_left -= need_kv
+                    free_now -= need_kv
                     admitted_now.append(r)
                     decisions.append(protos.AdmissionDecision(r.rid, _ADMIT))
                     self.counters["admitted"] += 1
