@@ -20,11 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +33,7 @@ from eval.load_client import CallResult, ClientConfig, send_request
 from eval.metrics import Outcome, summarize
 from eval.prompt_text import PromptTexts
 from eval.replay import ReplayConfig, ReplayResult, replay_sync
+from eval.server_process import ServerProcess
 from eval.slo_classes import load_slo_classes, scale_for_unloaded_tpot
 from eval.workloads import FULL_SCALE_CONTEXT, GenRequest, Workload, WorkloadSpec, generate
 
@@ -94,81 +91,6 @@ def demo_trace(unloaded_tpot_s: float, *, rate: float = 1.6, duration_s: float =
 # ---- the server subprocess ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`sglang-slo serve` as a subprocess on a free loopback port; a context manager.
-
-    model_dir holds target/ and draft/; speculation=False starts it without the draft."""
-
-    def __init__(self, model_dir: Path, policy: str, log_path: Path, *, hardware: Path | None = None,
-                 unloaded_tpot_s: float | None = None, speculation: bool = True, extra_args: tuple[str, ...] = ()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "sglang_slo.cli", "serve", "--model", str(model_dir / "target"),
-               "--policy", policy, "--port", str(self.port),
-               "--log-level", "WARNING", "--sidecar-log", str(log_path.with_suffix(".sidecar.log"))]
-        if speculation:
-            cmd += ["--draft", str(model_dir / "draft")]
-        if hardware is not None:
-            cmd += ["--hardware", str(hardware)]
-        if unloaded_tpot_s:
-            cmd += ["--unloaded-tpot-ms", f"{unloaded_tpot_s * 1000:.3f}"]
-        cmd += list(extra_args)
-        self.cmd = cmd
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> float:
-        """Block until GET /health answers 200; returns the seconds it took."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"server not ready in {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> ServerProcess:
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 # ---- calibration -------------------------------------------------------------------------------
 
 
@@ -206,7 +128,7 @@ def calibrate(model: Path, prompts: PromptTexts, log_path: Path, hardware: Path 
 
     The baseline of the CPU SLO scaling (reference §2.4; AdaServe's per-token baseline is
     non-speculative): the same for every policy, independent of how much any policy speculates."""
-    with ServerProcess(model, CALIBRATION_POLICY, log_path, hardware=hardware, speculation=False) as srv:
+    with ServerProcess.for_pair(model, CALIBRATION_POLICY, log_path, hardware=hardware, speculation=False) as srv:
         return measure_unloaded_tpot(srv.url, prompts)
 
 
@@ -351,7 +273,7 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
     for policy in runnable:
         t0 = time.monotonic()
         try:
-            with ServerProcess(model, policy, out / "logs" / f"served-{policy}.log", hardware=hw,
+            with ServerProcess.for_pair(model, policy, out / "logs" / f"served-{policy}.log", hardware=hw,
                                unloaded_tpot_s=unloaded_tpot_s) as srv:
                 startup = time.monotonic() - t0
                 own_tpot = measure_unloaded_tpot(srv.url, prompts)  # every server gets the same warm-up

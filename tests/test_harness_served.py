@@ -11,7 +11,8 @@ import json
 import pytest
 from server_support import tiny_pair
 
-from eval.demo_serve import ServerProcess, demo_trace, run_served_comparison
+from eval.demo_serve import demo_trace, run_served_comparison
+from eval.server_process import ServerProcess
 from eval.load_client import ClientConfig
 from eval.metrics import Outcome, summarize
 from eval.prompt_text import PromptTexts
@@ -36,7 +37,7 @@ def prompts(pair) -> PromptTexts:
 @pytest.fixture(scope="module")
 def server(pair, tmp_path_factory):
     log = tmp_path_factory.mktemp("served") / "server.log"
-    with ServerProcess(pair, "slo_unified", log, extra_args=("--max-in-flight", str(MAX_IN_FLIGHT))) as srv:
+    with ServerProcess.for_pair(pair, "slo_unified", log, extra_args=("--max-in-flight", str(MAX_IN_FLIGHT))) as srv:
         yield srv
 
 
@@ -143,5 +144,5 @@ def test_server_that_exits_is_a_clear_error(tmp_path):
     (tmp_path / "target").mkdir()
     (tmp_path / "draft").mkdir()
     with pytest.raises(RuntimeError, match="server exited"):
-        with ServerProcess(tmp_path, "fcfs", tmp_path / "server.log"):
+        with ServerProcess.for_pair(tmp_path, "fcfs", tmp_path / "server.log"):
             pass
