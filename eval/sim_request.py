@@ -1,25 +1,22 @@
 """A request inside the simulated engine: the generated request plus its progress.
 
-Token layout mirrors the embedded engine (sglang_slo/engine/request.py): in the decode
-phase every token but the last output (the root) has KV; after a preemption the engine
-recomputes prompt + outputs except the root before decoding again.
+It is scheduled by the embedded engine's own Scheduler, so it offers the engine request's
+scheduling surface (`SchedulableRequest` in sglang_slo/engine/scheduler_interfaces.py) with
+the same token layout: in the decode phase every token but the last output (the root) has
+KV; after a preemption the engine recomputes prompt + outputs except the root.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from eval.metrics import Outcome, RequestRecord
 from eval.workloads import GenRequest
 from protos import messages as protos
+from sglang_slo.engine.request import RequestStatus
 
-
-class Status(enum.Enum):
-    PENDING = enum.auto()  # not arrived yet (closed-loop call waiting for its predecessor)
-    WAITING = enum.auto()  # queued, no KV
-    RUNNING = enum.auto()  # holds KV; prefilling or decoding
-    DONE = enum.auto()
+Status = RequestStatus
+"""The engine's request status (WAITING also covers a call not arrived yet)."""
 
 
 @dataclass(eq=False)
@@ -27,7 +24,7 @@ class SimRequest:
     gen: GenRequest
     record: RequestRecord
     arrival_s: float = 0.0
-    status: Status = Status.PENDING
+    status: RequestStatus = RequestStatus.WAITING
     computed: int = 0
     """Tokens with KV in the target cache (prompt first, then outputs)."""
     decoded: int = 0
@@ -38,7 +35,9 @@ class SimRequest:
     stage: int = 0
     """SLO stage the next output token belongs to."""
     first_token_s: float = 0.0
-    preemptions: int = 0
+    num_preemptions: int = 0
+    num_draft_computed: int = 0
+    """Draft-cache tokens (not modelled; the scheduler resets it on preemption)."""
     dependents: list["SimRequest"] = field(default_factory=list)
 
     @property
@@ -50,8 +49,25 @@ class SimRequest:
         return self.gen.slo
 
     @property
+    def num_computed(self) -> int:
+        """The scheduler's name for `computed`."""
+        return self.computed
+
+    @num_computed.setter
+    def num_computed(self, value: int) -> None:
+        self.computed = value
+
+    @property
     def max_new_tokens(self) -> int:
         return max(self.gen.max_new_tokens, self.gen.output_tokens)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.decoded
+
+    @property
+    def num_tokens(self) -> int:
+        return self.gen.prompt_tokens + self.decoded
 
     @property
     def prefill_target(self) -> int:
@@ -60,7 +76,7 @@ class SimRequest:
         return self.gen.prompt_tokens + self.decoded - 1 if self.decoded else self.gen.prompt_tokens
 
     @property
-    def prefill_remaining(self) -> int:
+    def num_prefill_remaining(self) -> int:
         return max(0, self.prefill_target - self.computed)
 
     @property
@@ -69,7 +85,11 @@ class SimRequest:
 
     @property
     def is_decoding(self) -> bool:
-        return self.status is Status.RUNNING and not self.is_prefilling
+        return self.status is RequestStatus.RUNNING and not self.is_prefilling
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
 
     @property
     def is_best_effort(self) -> bool:
@@ -92,5 +112,5 @@ class SimRequest:
             cached_prefix_tokens=self.cached_prefix)
 
     def finish(self, outcome: Outcome) -> None:
-        self.status = Status.DONE
+        self.status = RequestStatus.FINISHED
         self.record.outcome = outcome

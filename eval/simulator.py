@@ -1,6 +1,6 @@
 """Iteration-level discrete-event simulator of one engine on a hardware profile.
 
-Each iteration reads like the engine's: schedule (apply the plan, or the EDF fallback) ->
+Each iteration reads like the engine's: schedule (the engine's own Scheduler: apply the plan, or the EDF fallback) ->
 run (time from the profile's cost model, the truth, on the actual batch; speculation:
 per-request candidate trees, node selection by `sglang_slo.spec.select.select_trees` exactly
 as the real engine does it, acceptance sampled from each request's true alphas) ->
@@ -113,6 +113,7 @@ class Simulator:
         self.plan: protos.Plan | None = None
         self._held: protos.Plan | None = None  # answer to the last report, applied after the next step
         self._stale: dict[str, SimRequest] = {}  # preempted or planned-but-not-run since the last report
+        self._demotions_noted: protos.Plan | None = None  # last plan whose demotions were recorded
         self.stats = dict(iterations=0, plan_iterations=0, fallback_iterations=0, idle_ticks=0,
                           preemptions=0, prefix_hits=0, prefix_tokens_reused=0, verified=0,
                           accepted=0, spec_verifies=0, busy_s=0.0, peak_kv_frac=0.0)
@@ -217,8 +218,10 @@ class Simulator:
                 batch = self.sched.schedule(self.plan, self.now)
                 for r in batch.rejected:
                     self._finish(r, Outcome.REJECTED, protos.FinishReason.REJECTED, msgs)
-                for r in batch.failed:
+                for r, _ in batch.failed:
                     self._finish(r, Outcome.FAILED, protos.FinishReason.ERROR, msgs)
+                if batch.plan_step >= 0 and self.plan is not self._demotions_noted:
+                    self._note_demotions(self.plan)
                 self.stats["preemptions"] += len(batch.preempted)
                 self._note_stale(batch)
                 if batch.is_empty:
@@ -246,6 +249,15 @@ class Simulator:
                 self.link.close()
         return self._result(time.perf_counter() - wall)
 
+    def _note_demotions(self, plan: protos.Plan) -> None:
+        """A request the plan demoted to best effort is a miss under SLOs-Serve's rule."""
+        self._demotions_noted = plan
+        for d in plan.decisions:
+            r = self.reqs.get(d.rid)
+            if (d.decision == protos.Decision.BEST_EFFORT and r is not None
+                    and r.decision == protos.Decision.BEST_EFFORT and not r.slo.best_effort):
+                r.record.admitted = False
+
     def _note_stale(self, batch: Batch) -> None:
         """Remember requests whose state the planner may have wrong after this batch:
         preempted ones (KV gone) and ones the applied plan scheduled that did not run (the
@@ -253,10 +265,10 @@ class Simulator:
         for r in batch.preempted:
             self._stale[r.rid] = r
         if batch.plan_step >= 0 and self.plan is not None:
-            ran = {r.rid for r, _ in batch.prefills} | {w.req.rid for w in batch.decodes}
+            ran = {p.req.rid for p in batch.prefills} | {w.req.rid for w in batch.decodes}
             for rid in [c.rid for c in self.plan.prefill] + [e.rid for e in self.plan.decode]:
                 r = self.reqs.get(rid)
-                if rid not in ran and r is not None and r.status is not Status.DONE:
+                if rid not in ran and r is not None and r.status is not Status.FINISHED:
                     self._stale[rid] = r
 
     def _apply(self, plan: protos.Plan | None) -> None:
@@ -273,7 +285,7 @@ class Simulator:
         """Send IterationReport `self.step` (an idle report when nothing ran); return the plan."""
         reported = {p.rid for p in progress}
         for rid, r in self._stale.items():  # facts replace the planner's projections
-            if rid not in reported and r.status is not Status.DONE:
+            if rid not in reported and r.status is not Status.FINISHED:
                 progress.append(self._progress(r, 0, 0, 0, 0, 0.0))
         self._stale.clear()
         if idle:  # nothing is in flight: no plan received so far may count as running
@@ -281,7 +293,7 @@ class Simulator:
             self.step = max(self.step, top)
         rep = protos.IterationReport(
             step=self.step, start_s=start, end_s=end, plan_step=batch.plan_step,
-            prefill_tokens=batch.prefill_tokens, verify_tokens=self._last_verify if progress and end > start else 0,
+            prefill_tokens=batch.num_prefill_tokens, verify_tokens=self._last_verify if progress and end > start else 0,
             draft_steps=self._last_draft_steps if end > start else 0, context_tokens=self._last_context if end > start else 0,
             kv_free_tokens=self.kv.free_tokens, progress=progress, waiting=len(self.sched.waiting),
             forward_s=end - start)
@@ -307,8 +319,8 @@ class Simulator:
         verify_tokens = selection.total_tokens if selection else 0
         draft_steps = max((w.depth for w in batch.decodes), default=0)
         draft_tokens = sum(1 + (w.depth - 1) * w.width for w in batch.decodes if w.depth)
-        context = sum(w.req.computed + 1 for w in batch.decodes) + sum(r.computed + n for r, n in batch.prefills)
-        dt = self.truth.iteration_time(batch.prefill_tokens, verify_tokens, draft_steps, context, draft_tokens)
+        context = sum(w.req.computed + 1 for w in batch.decodes) + sum(p.req.computed + p.num_tokens for p in batch.prefills)
+        dt = self.truth.iteration_time(batch.num_prefill_tokens, verify_tokens, draft_steps, context, draft_tokens)
         if cfg.time_noise_sigma:
             dt *= self.rng.lognormvariate(0.0, cfg.time_noise_sigma)
         self.now += dt
@@ -320,7 +332,8 @@ class Simulator:
         st["peak_kv_frac"] = max(st["peak_kv_frac"], 1 - self.kv.free_blocks / self.kv.total_blocks)
         progress: list[protos.RequestProgress] = []
         # --- prefill chunks ---
-        for r, n in batch.prefills:
+        for p in batch.prefills:
+            r, n = p.req, p.num_tokens
             r.computed += n
             if r.gen.shared_prefix and r.computed >= r.gen.prefix_tokens:
                 self.warm_prefixes.add(r.gen.shared_prefix)
@@ -346,7 +359,7 @@ class Simulator:
             r = self.reqs[p.rid]
             reason = protos.FinishReason.LENGTH if r.decoded >= r.max_new_tokens else protos.FinishReason.STOP
             self._finish(r, Outcome.FINISHED, reason, msgs)
-        return [p for p in progress if self.reqs[p.rid].status is not Status.DONE]
+        return [p for p in progress if self.reqs[p.rid].status is not Status.FINISHED]
 
     def _emit(self, r: SimRequest, n: int) -> None:
         """Commit n output tokens at the current time (end of the iteration)."""
@@ -363,10 +376,8 @@ class Simulator:
 
     def _result(self, wall_s: float) -> SimResult:
         for r in self.reqs.values():
-            if r.status in (Status.WAITING, Status.RUNNING):
+            if r.status is not Status.FINISHED:  # queued, running, or not arrived yet
                 self.sched.remove(r)
-                r.finish(Outcome.UNFINISHED)
-            elif r.status is Status.PENDING:
                 r.finish(Outcome.UNFINISHED)
         self.kv.drop_parked()
         self.kv.check()

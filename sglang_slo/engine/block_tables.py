@@ -62,6 +62,11 @@ class BlockTables:
             self.num_reserved = 1
 
     @property
+    def block_size(self) -> int:
+        """Tokens per target-cache block."""
+        return self.target.block_size
+
+    @property
     def capacity_tokens(self) -> int:
         """Target KV slots requests can use."""
         return (self.target.allocator.num_blocks - self.num_reserved) * self.target.block_size

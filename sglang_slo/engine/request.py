@@ -121,6 +121,10 @@ class Request:
         return len(self.output_ids)
 
     @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
     def prefill_target(self) -> int:
         """Tokens that must be in target KV before decoding: the prompt, or (after a
         preemption) everything but the root."""

@@ -5,6 +5,9 @@ token budget B (prefill tokens + verify tokens, roots included). The scheduler a
 admission, KV reservation and preemption: before a request is put in the batch, the KV
 slots its forward will write are reserved in both caches; when they cannot be, lower
 priority running requests are preempted (KV freed, recomputed later) -- never a crash.
+
+Torch-free and shared: the embedded engine drives it with `Request` + `BlockTables`, the
+simulator (eval/simulator.py) with `SimRequest` + `KvBlocks` -- one set of batch rules.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from protos import messages as protos
-from sglang_slo.engine.block_tables import BlockTables
-from sglang_slo.engine.request import Request, RequestStatus
+from sglang_slo.engine.request import RequestStatus
+from sglang_slo.engine.scheduler_interfaces import KvAccounting, SchedulableRequest
 
 Decision = protos.Decision
 
@@ -49,14 +52,14 @@ class SchedulerConfig:
 
 @dataclass
 class PrefillWork:
-    req: Request
+    req: SchedulableRequest
     num_tokens: int
     """Tokens of `req.all_ids[req.num_computed:]` to prefill now."""
 
 
 @dataclass
 class DecodeWork:
-    req: Request
+    req: SchedulableRequest
     depth: int = 0
     """Draft depth (0 = plain decode of the root)."""
     width: int = 1
@@ -74,10 +77,12 @@ class ScheduledBatch:
     """B: most prefill + verify tokens."""
     plan_step: int = -1
     """Step of the applied plan; -1 = fallback policy."""
-    rejected: list[Request] = field(default_factory=list)
+    rejected: list[SchedulableRequest] = field(default_factory=list)
     """Requests the plan rejected (the engine finishes them)."""
-    failed: list[tuple[Request, str]] = field(default_factory=list)
+    failed: list[tuple[SchedulableRequest, str]] = field(default_factory=list)
     """Requests that cannot run at all (e.g. need more KV than exists)."""
+    preempted: list[SchedulableRequest] = field(default_factory=list)
+    """Requests preempted while building this batch (KV freed, back to waiting)."""
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -96,12 +101,13 @@ class ScheduledBatch:
 class Scheduler:
     """Waiting and running queues; `schedule()` returns the next batch."""
 
-    def __init__(self, config: SchedulerConfig, kv: BlockTables, max_context: int):
+    def __init__(self, config: SchedulerConfig, kv: KvAccounting, max_context: int):
+        """max_context: most tokens (prompt + output) a request may hold, tokens."""
         self.config = config
         self.kv = kv
         self.max_context = max_context
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        self.waiting: list[SchedulableRequest] = []
+        self.running: list[SchedulableRequest] = []
         self.last_budget = config.fallback_budget
         self.last_entries: dict[str, protos.DecodeEntry] = {}  # rid -> last planned spec params
         self.num_preemptions = 0
@@ -109,10 +115,10 @@ class Scheduler:
 
     # ---- queues ------------------------------------------------------------------------
 
-    def add(self, req: Request) -> None:
+    def add(self, req: SchedulableRequest) -> None:
         self.waiting.append(req)
 
-    def remove(self, req: Request) -> None:
+    def remove(self, req: SchedulableRequest) -> None:
         """Drop `req` from the queues and free its KV (finish or abort)."""
         if req in self.running:
             self.running.remove(req)
@@ -121,8 +127,8 @@ class Scheduler:
         self.kv.release(req.rid)
         self.last_entries.pop(req.rid, None)
 
-    def preempt(self, req: Request) -> None:
-        """Free `req`'s KV and queue it for recomputation."""
+    def preempt(self, req: SchedulableRequest, batch: ScheduledBatch | None = None) -> None:
+        """Free `req`'s KV and queue it for recomputation (noted in `batch.preempted`)."""
         self.running.remove(req)
         self.kv.release(req.rid)
         req.status = RequestStatus.WAITING
@@ -130,6 +136,8 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.insert(0, req)
+        if batch is not None:
+            batch.preempted.append(req)
 
     @property
     def has_work(self) -> bool:
@@ -165,7 +173,7 @@ class Scheduler:
                 continue
             if d.decision == Decision.PREEMPT:
                 if req.status is RequestStatus.RUNNING:
-                    self.preempt(req)
+                    self.preempt(req, batch)
                 req.decision = Decision.DEFER  # back to waiting, to be admitted again
                 continue
             req.decision = d.decision
@@ -198,7 +206,7 @@ class Scheduler:
             batch.decodes.append(work)
             left -= 1  # the root is certain; the tree fill shares the rest of B
 
-    def _decode_work(self, req: Request, entry: protos.DecodeEntry | None) -> DecodeWork:
+    def _decode_work(self, req: SchedulableRequest, entry: protos.DecodeEntry | None) -> DecodeWork:
         c = self.config
         if entry is None:
             depth, width, cap, a = c.fallback_depth, c.fallback_width, c.fallback_tree_cap, 1.0
@@ -207,7 +215,7 @@ class Scheduler:
         depth = max(0, min(depth, c.max_depth))
         width = max(1, min(width, c.max_width))
         # Never verify past the context length or the request's remaining output.
-        room = min(self.max_context - req.num_tokens, req.params.max_new_tokens - req.num_output_tokens)
+        room = min(self.max_context - req.num_tokens, req.max_new_tokens - req.num_output_tokens)
         depth = max(0, min(depth, room - 1))
         cap = max(1, min(cap, 1 + depth * width))
         if depth == 0:
@@ -231,11 +239,11 @@ class Scheduler:
                     batch.failed.append((req, "KV cache exhausted: request longer than the cache"))
                     self.remove(req)
                 else:
-                    self.preempt(req)
+                    self.preempt(req, batch)
                 return False
-            self.preempt(victim)
+            self.preempt(victim, batch)
 
-    def _victim(self, exclude: set) -> Request | None:
+    def _victim(self, exclude: set) -> SchedulableRequest | None:
         """Running request to preempt: best-effort first, then the latest deadline."""
         cands = [r for r in self.running if r not in exclude]
         if not cands:
@@ -263,7 +271,7 @@ class Scheduler:
                 # fit now, so admitted requests rarely need preempting later (an idle engine
                 # admits anyway: a request too big for the cache must fail, not wait forever).
                 if plan is None and self.running and not self.kv.can_grow(
-                        req.rid, req.prefill_target + self.kv.target.block_size):
+                        req.rid, req.prefill_target + self.kv.block_size):
                     continue
             n = min(tokens, req.num_prefill_remaining, left)
             # The draft cache (if any) prefills the same chunk.
@@ -279,7 +287,7 @@ class Scheduler:
             scheduled.add(req)
             left -= n
 
-    def _fallback_prefill_order(self) -> list[Request]:
+    def _fallback_prefill_order(self) -> list[SchedulableRequest]:
         """Running prefills first, then waiting requests, each by TTFT deadline (EDF);
         best-effort last."""
         key = lambda r: (r.is_best_effort, r.ttft_deadline_s)  # noqa: E731
