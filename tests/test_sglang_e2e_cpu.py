@@ -163,3 +163,40 @@ def test_sidecar_sigkill_mid_run_every_request_completes(server):
     code, body = run_all(lambda c: [_generate(c, server.url, text(999, 30), 40, {"class": "chat"})])[0]
     assert code == 200
     assert any(it["plan_step"] >= 0 for it in iterations(server, since_s=t1))
+
+
+def test_sgl_program_slos_reach_sglang_scheduler(server):
+    """An @sgl.function program with per-gen SLOs (sglang_slo.lang) against real SGLang + plugin:
+    each annotated gen's request is tracked by the plugin (only requests carrying an SLO are),
+    and an invalid per-gen SLO fails that gen with the plugin's message."""
+    import sglang as sgl
+
+    from sglang_slo.lang import SloRuntimeEndpoint, slo, slo_gen
+
+    @sgl.function
+    def agent(s, question):
+        s += question
+        s += slo_gen("call", max_tokens=4, ignore_eos=True, temperature=0,
+                     slo={"class": "tool-call", "session": "lang-1"})
+        s += "\nresult: 42\n"
+        with slo(s, {"class": "tool-final", "session": "lang-1"}):
+            s += sgl.gen("answer", max_tokens=4, ignore_eos=True, temperature=0)
+
+    backend = SloRuntimeEndpoint(server.url)
+    since = time.monotonic() - 1.0
+    state = agent.run(question="def add(a, b):", backend=backend)
+    rids = {state.get_meta_info("call")["id"], state.get_meta_info("answer")["id"]}
+    deadline = time.monotonic() + 30
+    seen: set[str] = set()
+    while time.monotonic() < deadline and not rids <= seen:
+        seen = {rid for it in iterations(server, since) for rid in it["rids"]}
+        time.sleep(0.2)
+    assert rids <= seen, f"annotated gens not tracked by the plugin: {rids - seen}"
+
+    @sgl.function
+    def bad(s):
+        s += "x = "
+        s += slo_gen("x", max_tokens=2, slo={"tpot_ms": -1})
+
+    failed = bad.run(backend=backend)
+    assert "invalid SLO" in str(failed.error())
