@@ -88,7 +88,7 @@ class Simulator:
         self.truth = self.profile.cost  # this instance is never refit: it is the hardware
         self.config, self.policy, self.workload = config, policy, workload
         lim = self.profile.engine
-        self.kv = KvBlocks(lim.kv_capacity_tokens, lim.kv_block_tokens)
+        self.kv = KvBlocks(lim.kv_capacity_tokens, lim.kv_block_tokens, on_claim_lost=self._prefix_lost)
         self.sched = SimScheduler(SchedulerLimits(
             max_batch_tokens=lim.max_batch_tokens, max_running=config.max_running, max_depth=lim.max_depth,
             max_width=lim.max_width, fallback_budget=config.fallback_budget), self.kv)
@@ -144,26 +144,35 @@ class Simulator:
             r.arrival_s = r.record.arrival_s = t
             if self.config.prefix_cache and r.gen.prefix_tokens:
                 r.cached_prefix = r.computed = self._cached_prefix(r)
-                if r.cached_prefix:
-                    self.stats["prefix_hits"] += 1
-                    self.stats["prefix_tokens_reused"] += r.cached_prefix
             self.sched.add(r)
             if self.link:
                 self.link.send(r.arrived_message())
 
     def _cached_prefix(self, r: SimRequest) -> int:
-        """Prompt tokens found in the prefix cache; their KV now belongs to `r`.
+        """Prompt tokens `r` expects to find in the prefix cache; none of its KV is held yet.
 
-        A session's previous context is moved to its next call (exclusive). An app-wide
-        shared prefix (system prompt + tool schemas), once some request prefilled it, is
-        reused without compute, but every user is charged its own blocks (the simulator
-        has no shared blocks: conservative on memory)."""
+        A session's previous context (parked by its previous call) is reserved, not pinned:
+        while `r` waits it stays evictable, and `r` reuses it only if it is still resident
+        when the scheduler admits `r` (its first KV grow pins it; see `KvBlocks.reserve`),
+        else `_prefix_lost` makes `r` prefill everything. An app-wide shared prefix (system
+        prompt + tool schemas), once some request prefilled it, is reused without compute,
+        but every user is charged its own blocks on admission (the simulator has no shared
+        blocks: conservative on memory)."""
         want = min(r.gen.prefix_tokens, r.gen.prompt_tokens - 1)  # >= 1 token left to prefill
         if r.gen.shared_prefix:
-            if r.gen.shared_prefix in self.warm_prefixes and self.kv.grow(r.rid, want):
+            if r.gen.shared_prefix in self.warm_prefixes:
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_tokens_reused"] += want
                 return want
             return 0
-        return self.kv.claim(r.gen.session_id, r.rid, want) if r.gen.session_id else 0
+        return self.kv.reserve(r.gen.session_id, r.rid, want) if r.gen.session_id else 0
+
+    def _prefix_lost(self, rid: str) -> None:
+        """`rid`'s reserved session prefix was evicted while it waited: full prefill, and
+        the planner hears its prefilled count went back to 0."""
+        r = self.reqs[rid]
+        r.computed = r.cached_prefix = 0
+        self._stale[rid] = r
 
     def _finish(self, r: SimRequest, outcome: Outcome, reason: protos.FinishReason, msgs: list) -> None:
         """Free KV (or park it for the session's next call), record, release or cancel successors."""
@@ -389,6 +398,9 @@ class Simulator:
         st["plan_failures"] = self.link.plan_failures if self.link else 0
         st["mean_accepted_per_verify"] = st["accepted"] / st["spec_verifies"] if st["spec_verifies"] else 0.0
         st["kv_evictions"] = self.kv.evictions
+        st["prefix_hits"] += self.kv.claims_pinned  # session prefixes still resident on admission
+        st["prefix_tokens_reused"] += self.kv.claim_tokens_pinned
+        st["prefix_evicted_while_waiting"] = self.kv.claims_lost
         st["utilization"] = st["busy_s"] / self.now if self.now > 0 else 0.0
         return SimResult(policy=self.policy or "fallback", records=[r.record for r in self.reqs.values()],
                          elapsed_s=self.now, window_s=self.workload.duration_s, stats=st)
