@@ -153,6 +153,7 @@ class UnifiedPolicy(Policy):
         # ---- classify (one pass) ----------------------------------------------------------
         slo_dec, be_dec, slo_pre, be_pre, waiting = [], [], [], [], []
         s_rid, s_ctx, s_left, s_dl, s_tpot = [], [], [], [], []  # SLO decoders
+        s_bank = []  # seconds the SLOs-Serve deadlines lie past the paced ones (early first token)
         b_rid, b_ctx, b_left = [], [], []  # best-effort decoders
         reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available)
         ratio_kv = cfg.new_token_ratio
@@ -182,6 +183,7 @@ class UnifiedPolicy(Policy):
                         tp = slo.tpot_s
                         d = (ft if ft > t0 or (anchor_first and ft > 0.0) else t0) + dd * tp
                     s_dl.append(d)
+                    s_bank.append(t0 - ft if anchor_first and 0.0 < ft < t0 else 0.0)
                     s_tpot.append(tp)
                 else:
                     be_dec.append(r)
@@ -211,7 +213,8 @@ class UnifiedPolicy(Policy):
         context = int(ctx_tok.sum())
         t_floor = cost.iteration_time(0, n_all, 0, context)
         start = now + (self._t_running or t_floor)  # the planned iteration starts after the running one
-        slack = np.array(s_dl, dtype=np.float64) - start
+        slack = np.array(s_dl, dtype=np.float64) - start  # to the paced deadline (tree floors)
+        hard = slack + np.array(s_bank, dtype=np.float64)  # to the SLOs-Serve deadline (T_lim)
         tpot = np.array(s_tpot, dtype=np.float64)
         # exp[i, m-1]: expected committed tokens of an m-node chain (a wider tree does better)
         exp = self._rows.gather(acc, s_rid + b_rid, dm, self._plans)
@@ -234,15 +237,24 @@ class UnifiedPolicy(Policy):
         m_min = np.ones(n_all, dtype=np.int64)
         if n_slo and dm:
             m_min[:n_slo] = np.minimum((exp[:n_slo] < (a[:, None] - 1e-9)).sum(axis=1) + 1, m_max[:n_slo])
-        nodes, t_lim, t_dec = m_min, max(t_cap, t_floor), t_floor
-        for level in range(int(m_eff.max(initial=1)), 0, -1):
-            nodes = np.maximum(m_min, np.minimum(m_eff, level))
-            total = int(nodes.sum())
-            steps = int(nodes.max(initial=1)) - 1
-            t_dec = cost.iteration_time(0, total, steps, context, total - n_all)
-            t_lim = self._t_limit(slack, tpot, exp, nodes, t_floor, t_cap, cfg.safety)
-            if t_dec <= t_lim:
-                break
+        # The draft depth is shared: one level deeper costs the whole batch a draft step and
+        # delays every decoder's next token. Pick the level whose iteration keeps the most SLO
+        # decoders on their deadlines (A_i at that level's own length), then the most committed
+        # tokens per second; a floor that no level reaches does not force a deeper tree.
+        want = np.maximum(m_min, m_eff)
+        best, nodes, t_lim, t_dec = None, m_min, max(t_cap, t_floor), t_floor
+        for level in range(int(want.max(initial=1)), 0, -1):
+            cand = np.minimum(want, level)
+            total = int(cand.sum())
+            steps = int(cand.max(initial=1)) - 1
+            t_c = cost.iteration_time(0, total, steps, context, total - n_all)
+            got = np.take_along_axis(exp, (cand - 1)[:, None], axis=1)[:, 0]  # [n_all]
+            on_track = int((1.0 + (t_c - slack) / tpot + cfg.margin <= got[:n_slo] + 1e-9).sum()) if n_slo else 0
+            t_l = self._t_limit(hard, tpot, exp, cand, t_floor, t_cap, cfg.safety)
+            key = (on_track, t_c <= t_l, float(got.sum()) / t_c)
+            if best is None or key > best:
+                best, nodes, t_lim, t_dec = key, cand, t_l, t_c
+        m_min = np.minimum(m_min, nodes)
         decode_tokens = int(nodes.sum())
         level = int(nodes.max(initial=1))
         while decode_tokens > lim.max_batch_tokens and level > 1:  # the engine's batch limit
@@ -253,7 +265,7 @@ class UnifiedPolicy(Policy):
         b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
         b_max = max(b_max, decode_tokens)
         # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
-        t_stretch = max(t_lim, self._t_limit(slack, tpot, exp, m_min, t_floor, cfg.max_iter_s, cfg.safety))
+        t_stretch = max(t_lim, self._t_limit(hard, tpot, exp, m_min, t_floor, cfg.max_iter_s, cfg.safety))
         b_stretch = min(lim.max_batch_tokens, cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all))
         b_stretch = max(b_stretch, b_max)
 
