@@ -1,4 +1,5 @@
-"""slo_unified's incremental state gives the same numbers as recomputing from scratch."""
+"""slo_unified: incremental state gives the same numbers as recomputing from scratch; the shared
+draft depth is priced at its own iteration length."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from hypothesis import strategies as st_
 
 from protos import messages as protos
 from sidecar.acceptance import AcceptanceModel
+from sidecar.cost_model import load_profile
+from sidecar.policies.base import PlanContext
 from sidecar.policies.base import make_policy
 from sidecar.policies.expected_rows import ExpectedRows, expected_table
-from sidecar.state import ReqState
-from test_policies_factories import H100, check_plan_invariants, make_ctx, make_state
+from sidecar.state import PlannerState, ReqState
+from test_policies_factories import H100, ROOT, check_plan_invariants, make_ctx, make_state
 
 
 @settings(max_examples=150, deadline=None)
@@ -106,3 +109,57 @@ def test_unified_keeps_contract_over_a_simulated_run():
         for rid in [r.rid for r in st.requests.values() if r.decoded >= r.max_new_tokens]:
             del st.requests[rid]
         st.now_s += 0.03
+
+
+def _decoders(profile, n: int, tpot_s: float, ctx_tokens: int = 60) -> PlannerState:
+    """n running decoders with long outputs and a loose or tight TPOT, on `profile`'s engine."""
+    lim = profile.engine
+    st = PlannerState(limits=lim)
+    st.spec_modes = (protos.SpecMode.TREE,)
+    st.now_s = 10.0
+    for i in range(n):
+        r = st.add(protos.RequestArrived(f"d{i}", ctx_tokens, 4000, protos.Slo(0.5, tpot_s, slo_class="chat"), 9.0))
+        r.prefilled, r.decoded, r.first_token_s, r.decision = ctx_tokens, 1, 9.0 + 0.5, protos.Decision.ADMIT
+    st.kv_free_tokens = lim.kv_capacity_tokens - n * (ctx_tokens + 1)
+    return st
+
+
+def _goodput_by_depth(profile, st: PlannerState, acc: AcceptanceModel) -> list[float]:
+    """Expected committed tokens per second of the whole batch at each shared draft depth 0..D."""
+    cost, dm = profile.cost, profile.engine.max_depth
+    rids = list(st.requests)
+    e = expected_table(np.array([acc.alphas(rid, dm) for rid in rids]))  # [n, dm+1]
+    context = sum(r.prefilled + r.decoded for r in st.requests.values())
+    n = len(rids)
+    return [float(e[:, d].sum()) / cost.iteration_time(0, n * (d + 1), d, context, n * d) for d in range(dm + 1)]
+
+
+def test_shared_draft_depth_pays_for_its_draft_steps():
+    """With loose deadlines the batch drafts to the depth of most committed tokens per second:
+    on the CPU profile a draft step (1.3 ms) costs ~15 verify tokens, so that depth is shallow;
+    on the H100 profile it is deeper. Pricing a draft step as a fixed cost drafted to depth 8."""
+    for name, n in (("cpu-tiny", 2), ("h100-llama3.1-8b-eagle3", 16)):
+        profile = load_profile(ROOT / f"configs/hardware/{name}.yaml")
+        st = _decoders(profile, n, tpot_s=1.0)
+        acc = AcceptanceModel(profile.acceptance_priors)
+        plan = make_policy("slo_unified").plan(PlanContext(st, profile.cost, acc, st.now_s, step=1))
+        check_plan_invariants(st, plan)
+        good = _goodput_by_depth(profile, st, acc)
+        depth = max(e.depth for e in plan.decode)
+        assert good[depth] >= max(good) * 0.999, (name, depth, [round(g) for g in good])
+    assert max(e.depth for e in plan.decode) >= 2  # the H100 case: speculation still pays deep
+
+
+def test_tight_deadline_floor_does_not_force_a_deeper_tree():
+    """Decoders whose TPOT no depth can meet (CPU: the 3.9 ms base alone exceeds 3 ms) get the
+    tree of most tokens per second, not the deepest one (which only lengthens every iteration)."""
+    profile = load_profile(ROOT / "configs/hardware/cpu-tiny.yaml")
+    st = _decoders(profile, 2, tpot_s=0.003)
+    for r in st.requests.values():
+        r.first_token_s, r.decoded = 9.2, 40  # behind: 40 tokens in 0.8 s would need a 20 ms TPOT
+    acc = AcceptanceModel(profile.acceptance_priors)
+    plan = make_policy("slo_unified").plan(PlanContext(st, profile.cost, acc, st.now_s, step=1))
+    good = _goodput_by_depth(profile, st, acc)
+    depth = max(e.depth for e in plan.decode)
+    assert depth < profile.engine.max_depth
+    assert good[depth] >= max(good) * 0.999, (depth, [round(g) for g in good])

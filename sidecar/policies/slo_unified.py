@@ -12,14 +12,23 @@ Every plan, for the iteration that starts when the running one ends (plans are p
    does not pay). A request behind its deadlines gets at least the nodes reaching
    A_i = 1 + (T - slack_i) / tpot_i + margin (AdaServe's A(r) on the deadline schedule;
    reasoning think/answer and tool stages come in through the stage TPOTs).
-3. Load-adaptive budget. T_lim = the longest iteration that keeps every SLO decoder on its
-   deadlines (A_i <= safety * E_i[m_i]); the efficiency extras are cut level by level until
-   the decode part fits; the rest of B(T_lim) = cost.max_tokens_within(T_lim) goes to prefill.
-4. Admission + prefill against TTFT deadlines: EDF with Moore-Hodgson dropping at the spare
+3. Shared draft depth. The deepest tree sets the batch's draft steps, so one level deeper
+   lengthens the iteration, and so delays the next token, of every request. Each level is
+   priced at its own iteration length: the level keeping the most SLO decoders on their
+   deadlines (A_i at that length) wins, then the one whose iteration fits T_lim, then the most
+   expected committed tokens per second. A deadline floor that no level meets does not force
+   a deeper tree (it would only make every iteration longer).
+4. Load-adaptive budget. T_lim = the longest iteration that keeps every SLO decoder on its
+   SLOs-Serve deadlines (safety * E_i[m_i] tokens; a first token before the TTFT deadline
+   banks that much slack), capped by ttft_frac; tree floors and the level choice pace from
+   the first token instead (anchor_first_token). The rest of B(T_lim) =
+   cost.max_tokens_within(T_lim) goes to prefill; levels cut for urgent prefill give back
+   their draft steps to the budget.
+5. Admission + prefill against TTFT deadlines: EDF with Moore-Hodgson dropping at the spare
    rate (edf_admission.py), each admitted request's decode load charged to that rate; KV
    checked. Requests that can no longer meet their TTFT run best effort (leftover budget and
    KV only, preempted first under KV pressure).
-5. Online calibration: the planner's cost model (refit) and acceptance model (per request)
+6. Online calibration: the planner's cost model (refit) and acceptance model (per request)
    feed every plan.
 O(n log n) per plan; numpy for the per-request tree arithmetic.
 """
@@ -242,16 +251,18 @@ class UnifiedPolicy(Policy):
         # decoders on their deadlines (A_i at that level's own length), then the most committed
         # tokens per second; a floor that no level reaches does not force a deeper tree.
         want = np.maximum(m_min, m_eff)
+        rows = np.arange(n_all)
         best, nodes, t_lim, t_dec = None, m_min, max(t_cap, t_floor), t_floor
         for level in range(int(want.max(initial=1)), 0, -1):
             cand = np.minimum(want, level)
             total = int(cand.sum())
             steps = int(cand.max(initial=1)) - 1
             t_c = cost.iteration_time(0, total, steps, context, total - n_all)
-            got = np.take_along_axis(exp, (cand - 1)[:, None], axis=1)[:, 0]  # [n_all]
-            on_track = int((1.0 + (t_c - slack) / tpot + cfg.margin <= got[:n_slo] + 1e-9).sum()) if n_slo else 0
-            t_l = self._t_limit(hard, tpot, exp, cand, t_floor, t_cap, cfg.safety)
-            key = (on_track, t_c <= t_l, float(got.sum()) / t_c)
+            got = exp[rows, cand - 1]  # [n_all] expected committed tokens
+            e = got[:n_slo]
+            on_track = int(((t_c - slack) / tpot + (1.0 + cfg.margin) <= e + 1e-9).sum()) if n_slo else 0
+            t_l = self._t_limit(hard, tpot, e, t_floor, t_cap, cfg.safety)
+            key = (on_track, t_c <= t_l or t_l <= t_floor, float(got.sum()) / t_c)  # t_floor: none savable
             if best is None or key > best:
                 best, nodes, t_lim, t_dec = key, cand, t_l, t_c
         m_min = np.minimum(m_min, nodes)
@@ -265,7 +276,8 @@ class UnifiedPolicy(Policy):
         b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
         b_max = max(b_max, decode_tokens)
         # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
-        t_stretch = max(t_lim, self._t_limit(hard, tpot, exp, m_min, t_floor, cfg.max_iter_s, cfg.safety))
+        e_min = exp[rows[:n_slo], m_min[:n_slo] - 1]
+        t_stretch = max(t_lim, self._t_limit(hard, tpot, e_min, t_floor, cfg.max_iter_s, cfg.safety))
         b_stretch = min(lim.max_batch_tokens, cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all))
         b_stretch = max(b_stretch, b_max)
 
@@ -326,7 +338,10 @@ class UnifiedPolicy(Policy):
                 level -= 1
                 nodes = np.maximum(m_min, np.minimum(nodes, level))
                 decode_tokens = int(nodes.sum())
-            steps = int(nodes.max(initial=1)) - 1
+                # a level cut frees its draft step too: re-price the budget at the new depth
+                steps = int(nodes.max(initial=1)) - 1
+                b_fit = cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all)
+                b_max = max(b_max, min(lim.max_batch_tokens, b_fit))
             if decode_tokens + p_req > b_max:
                 b_max = min(b_stretch, decode_tokens + p_req)
         room = _prefill_room(cost, b_max - decode_tokens, b_max, decode_tokens, steps, context, n_all)
@@ -391,12 +406,11 @@ class UnifiedPolicy(Policy):
         return a
 
     @staticmethod
-    def _t_limit(slack, tpot, exp, nodes, t_floor, t_cap, safety) -> float:
-        """Longest iteration (<= t_cap) keeping every SLO decoder on its deadlines with its tree."""
-        n_slo = len(slack)
-        if not n_slo:
+    def _t_limit(slack, tpot, e, t_floor, t_cap, safety) -> float:
+        """Longest iteration (<= t_cap) keeping every SLO decoder on its deadlines when it
+        commits e [n_slo] expected tokens."""
+        if not len(slack):
             return max(t_floor, t_cap)
-        e = np.take_along_axis(exp[:n_slo], (nodes[:n_slo] - 1)[:, None], axis=1)[:, 0]
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()))) if t_ok.size else t_floor
