@@ -163,3 +163,16 @@ def test_tight_deadline_floor_does_not_force_a_deeper_tree():
     depth = max(e.depth for e in plan.decode)
     assert depth < profile.engine.max_depth
     assert good[depth] >= max(good) * 0.999, (depth, [round(g) for g in good])
+
+
+def test_head_prompt_is_prefilled_in_one_chunk_when_decoders_allow():
+    """A prompt split into k chunks waits k iterations of >= the fixed cost each; with loose
+    decoders the EDF head's whole prompt goes in one iteration, past the ttft_frac cap its tight
+    TTFT sets (7.8 ms: ~25 tokens on CPU), not the just-in-time share."""
+    profile = load_profile(ROOT / "configs/hardware/cpu-tiny.yaml")
+    st = _decoders(profile, 1, tpot_s=1.0)
+    w = st.add(protos.RequestArrived("w", 80, 40, protos.Slo(0.052, 0.05, slo_class="chat"), st.now_s))
+    plan = make_policy("slo_unified").plan(PlanContext(st, profile.cost, AcceptanceModel(profile.acceptance_priors),
+                                                       st.now_s, step=1))
+    check_plan_invariants(st, plan)
+    assert [(c.rid, c.tokens) for c in plan.prefill] == [("w", w.prompt_tokens)]

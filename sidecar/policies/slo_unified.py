@@ -27,7 +27,10 @@ Every plan, for the iteration that starts when the running one ends (plans are p
 5. Admission + prefill against TTFT deadlines: EDF with Moore-Hodgson dropping at the spare
    rate (edf_admission.py), each admitted request's decode load charged to that rate; KV
    checked. Requests that can no longer meet their TTFT run best effort (leftover budget and
-   KV only, preempted first under KV pressure).
+   KV only, preempted first under KV pressure). The EDF head's prompt is prefilled whole when
+   the decoders' deadlines allow (k chunks would wait k iterations of >= the fixed cost each,
+   and an early first token banks slack for its decode); decoders already past saving do not
+   hold T_lim at the floor.
 6. Online calibration: the planner's cost model (refit) and acceptance model (per request)
    feed every plan.
 O(n log n) per plan; numpy for the per-request tree arithmetic.
@@ -262,7 +265,7 @@ class UnifiedPolicy(Policy):
             e = got[:n_slo]
             on_track = int(((t_c - slack) / tpot + (1.0 + cfg.margin) <= e + 1e-9).sum()) if n_slo else 0
             t_l = self._t_limit(hard, tpot, e, t_floor, t_cap, cfg.safety)
-            key = (on_track, t_c <= t_l or t_l <= t_floor, float(got.sum()) / t_c)  # t_floor: none savable
+            key = (on_track, t_c <= t_l or t_l <= t_floor, float(got.sum()) / t_c)  # t_l == t_floor: no level fits
             if best is None or key > best:
                 best, nodes, t_lim, t_dec = key, cand, t_l, t_c
         m_min = np.minimum(m_min, nodes)
@@ -332,6 +335,9 @@ class UnifiedPolicy(Policy):
             if need_rate > rate_req:
                 rate_req = need_rate
         p_req = min(cum, int(rate_req * t_lim) + 1)
+        if edf:  # k chunks wait k iterations of >= t_floor each: finish the EDF head in one if
+            # the decoders' deadlines allow (b_stretch); its early first token banks decode slack
+            p_req = max(p_req, edf[0].prompt_tokens - edf[0].prefilled)
         if decode_tokens + p_req > b_max and n_all:
             level = int(nodes.max(initial=1))
             while level > 1 and decode_tokens + p_req > b_max:
@@ -413,7 +419,7 @@ class UnifiedPolicy(Policy):
             return max(t_floor, t_cap)
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
-        return max(t_floor, min(t_cap, float(t_ok.min()))) if t_ok.size else t_floor
+        return max(t_floor, min(t_cap, float(t_ok.min()) if t_ok.size else t_cap))
 
 
 def _kv_footprint(r) -> float:
