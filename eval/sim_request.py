@@ -30,7 +30,8 @@ class SimRequest:
     decoded: int = 0
     """Output tokens committed."""
     cached_prefix: int = 0
-    """Prompt tokens found in the prefix cache at arrival."""
+    """Prompt tokens reused from the prefix cache: what was resident at arrival, reset to 0
+    if the session prefix was evicted before the scheduler admitted the request."""
     decision: protos.Decision = protos.Decision.DEFER
     stage: int = 0
     """SLO stage the next output token belongs to."""
