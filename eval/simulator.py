@@ -143,7 +143,7 @@ class Simulator:
             r = self.reqs[rid]
             r.arrival_s = r.record.arrival_s = t
             if self.config.prefix_cache and r.gen.prefix_tokens:
-                r.cached_prefix = r.computed = self._cached_prefix(r)
+                r.cached_prefix = r.num_computed = self._cached_prefix(r)
             self.sched.add(r)
             if self.link:
                 self.link.send(r.arrived_message())
@@ -171,14 +171,14 @@ class Simulator:
         """`rid`'s reserved session prefix was evicted while it waited: full prefill, and
         the planner hears its prefilled count went back to 0."""
         r = self.reqs[rid]
-        r.computed = r.cached_prefix = 0
+        r.num_computed = r.cached_prefix = 0
         self._stale[rid] = r
 
     def _finish(self, r: SimRequest, outcome: Outcome, reason: protos.FinishReason, msgs: list) -> None:
         """Free KV (or park it for the session's next call), record, release or cancel successors."""
         if outcome is Outcome.FINISHED and r.dependents and self.config.prefix_cache:
             self.sched.running.remove(r)
-            self.kv.park(r.rid, r.gen.session_id, r.computed)
+            self.kv.park(r.rid, r.gen.session_id, r.num_computed)
             self.sched.last_entries.pop(r.rid, None)
         else:
             self.sched.remove(r)
@@ -314,7 +314,7 @@ class Simulator:
     def _progress(self, r: SimRequest, prefill_tokens: int, verified: int, accepted: int, depth: int,
                   conf: float) -> protos.RequestProgress:
         return protos.RequestProgress(
-            rid=r.rid, prefilled=min(r.computed, r.gen.prompt_tokens), decoded=r.decoded,
+            rid=r.rid, prefilled=min(r.num_computed, r.gen.prompt_tokens), decoded=r.decoded,
             prefill_tokens=prefill_tokens, verified=verified, accepted=accepted, depth=depth,
             draft_conf=conf, stage=r.stage, first_token_s=r.first_token_s)
 
@@ -328,7 +328,7 @@ class Simulator:
         verify_tokens = selection.total_tokens if selection else 0
         draft_steps = max((w.depth for w in batch.decodes), default=0)
         draft_tokens = sum(1 + (w.depth - 1) * w.width for w in batch.decodes if w.depth)
-        context = sum(w.req.computed + 1 for w in batch.decodes) + sum(p.req.computed + p.num_tokens for p in batch.prefills)
+        context = sum(w.req.num_computed + 1 for w in batch.decodes) + sum(p.req.num_computed + p.num_tokens for p in batch.prefills)
         dt = self.truth.iteration_time(batch.num_prefill_tokens, verify_tokens, draft_steps, context, draft_tokens)
         if cfg.time_noise_sigma:
             dt *= self.rng.lognormvariate(0.0, cfg.time_noise_sigma)
@@ -343,8 +343,8 @@ class Simulator:
         # --- prefill chunks ---
         for p in batch.prefills:
             r, n = p.req, p.num_tokens
-            r.computed += n
-            if r.gen.shared_prefix and r.computed >= r.gen.prefix_tokens:
+            r.num_computed += n
+            if r.gen.shared_prefix and r.num_computed >= r.gen.prefix_tokens:
                 self.warm_prefixes.add(r.gen.shared_prefix)
             if not r.is_prefilling and r.decoded == 0:  # the prefill's last forward samples token 1
                 self._emit(r, 1)
@@ -356,8 +356,8 @@ class Simulator:
             accepted, depth, conf = verify(trees[i], nodes, r.gen.alphas, self.rng) if len(nodes) > 1 else (0, 0, 0.0)
             n = min(accepted + 1, r.gen.output_tokens - r.decoded)
             self._emit(r, n)
-            r.computed = r.gen.prompt_tokens + r.decoded - 1
-            self.kv.shrink(r.rid, r.computed)
+            r.num_computed = r.gen.prompt_tokens + r.decoded - 1
+            self.kv.shrink(r.rid, r.num_computed)
             st["verified"] += len(nodes) - 1
             st["accepted"] += accepted
             st["spec_verifies"] += len(nodes) > 1

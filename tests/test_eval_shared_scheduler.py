@@ -39,7 +39,7 @@ def _running(rid: str, prompt: int, decoded: int) -> SimRequest:
     g = GenRequest(rid=rid, arrival_s=0.0, prompt_tokens=prompt, output_tokens=50, max_new_tokens=50, slo=slo,
                    alphas=[0.8])
     return SimRequest(gen=g, record=RequestRecord(rid=rid, slo=slo, arrival_s=0.0), status=Status.RUNNING,
-                      computed=prompt + decoded - 1, decoded=decoded)
+                      num_computed=prompt + decoded - 1, decoded=decoded)
 
 
 def test_plan_decisions_act_once_per_plan_in_the_simulator():
@@ -47,7 +47,7 @@ def test_plan_decisions_act_once_per_plan_in_the_simulator():
     sched = SimScheduler(SchedulerLimits(max_batch_tokens=512, max_running=8, max_depth=8, max_width=4,
                                          fallback_budget=64), kv)
     a = _running("a", 20, 3)
-    assert kv.grow("a", a.computed + 1)
+    assert kv.grow("a", a.num_computed + 1)
     sched.running.append(a)
     plan = protos.Plan(step=1, valid_until_s=10.0, token_budget=64,
                        prefill=[protos.PrefillChunk("a", 64)],
@@ -55,7 +55,7 @@ def test_plan_decisions_act_once_per_plan_in_the_simulator():
     first = sched.schedule(plan, 0.0)
     assert first.preempted == [a] and a.num_preemptions == 1
     assert [(p.req, p.num_tokens) for p in first.prefills] == [(a, 22)]  # recomputed at once
-    a.computed += 22
+    a.num_computed += 22
     again = sched.schedule(plan, 0.1)  # same plan, next step: no second preemption
     assert again.preempted == [] and a.num_preemptions == 1 and a.status is Status.RUNNING
     assert [w.req for w in again.decodes] == [a]

@@ -181,7 +181,7 @@ def test_batch_wide_spec_depth_overrides_entries():
     slo = Slo(ttft_s=1.0, tpot_s=0.1)
     g = GenRequest(rid="a", arrival_s=0.0, prompt_tokens=8, output_tokens=50, max_new_tokens=50, slo=slo, alphas=[0.8])
     r = SimRequest(gen=g, record=RequestRecord(rid="a", slo=slo, arrival_s=0.0), status=Status.RUNNING,
-                   computed=8, decoded=1)
+                   num_computed=8, decoded=1)
     sched.running.append(r)
     entry = DecodeEntry("a", min_tokens=1.0, tree_cap=3, depth=2, width=1)
     b = sched.schedule(Plan(step=1, valid_until_s=1.0, token_budget=64, decode=[entry]), 0.0)

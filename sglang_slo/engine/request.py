@@ -73,8 +73,57 @@ def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
+class RequestPhases:
+    """Phase, deadline and service-tier properties of a request, derived from its counters.
+
+    One definition for the engine's `Request` and the simulator's `SimRequest` (the
+    scheduler they share reads these). Needs: `num_tokens`, `num_output_tokens`,
+    `num_computed`, `status`, `slo`, `decision`, `arrival_s`, `first_token_s`.
+    """
+
+    __slots__ = ()
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens that must be in target KV before decoding: the prompt, or (after a
+        preemption) everything but the root."""
+        return self.num_tokens - 1 if self.num_output_tokens else self.num_tokens
+
+    @property
+    def num_prefill_remaining(self) -> int:
+        return max(0, self.prefill_target - self.num_computed)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.prefill_target
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.status is RequestStatus.RUNNING and not self.is_prefilling
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_best_effort(self) -> bool:
+        """Asked for best-effort service, or demoted to it by the planner."""
+        return self.slo.best_effort or self.decision == protos.Decision.BEST_EFFORT
+
+    @property
+    def ttft_deadline_s(self) -> float:
+        return self.arrival_s + self.slo.ttft_s
+
+    def next_token_deadline_s(self) -> float:
+        """When the next output token is due (SLOs-Serve's deadline schedule), seconds."""
+        if not self.num_output_tokens:
+            return self.ttft_deadline_s
+        t0 = max(self.ttft_deadline_s, self.first_token_s)
+        return t0 + self.num_output_tokens * self.slo.tpot_s
+
+
 @dataclass(eq=False)
-class Request:
+class Request(RequestPhases):
     """One generation request and its progress; owned by the engine's scheduler."""
 
     rid: str
@@ -125,47 +174,9 @@ class Request:
         return self.params.max_new_tokens
 
     @property
-    def prefill_target(self) -> int:
-        """Tokens that must be in target KV before decoding: the prompt, or (after a
-        preemption) everything but the root."""
-        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
-
-    @property
-    def num_prefill_remaining(self) -> int:
-        return max(0, self.prefill_target - self.num_computed)
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed < self.prefill_target
-
-    @property
-    def is_decoding(self) -> bool:
-        return self.status is RequestStatus.RUNNING and not self.is_prefilling
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
-
-    @property
     def num_prefilled_prompt(self) -> int:
         """Prompt tokens prefilled (what the protocol calls `prefilled`)."""
         return min(self.num_computed, len(self.prompt_ids))
-
-    @property
-    def is_best_effort(self) -> bool:
-        """Asked for best-effort service, or demoted to it by the planner."""
-        return self.slo.best_effort or self.decision == protos.Decision.BEST_EFFORT
-
-    @property
-    def ttft_deadline_s(self) -> float:
-        return self.arrival_s + self.slo.ttft_s
-
-    def next_token_deadline_s(self) -> float:
-        """When the next output token is due (SLOs-Serve's deadline schedule), seconds."""
-        if not self.output_ids:
-            return self.ttft_deadline_s
-        t0 = max(self.ttft_deadline_s, self.first_token_s)
-        return t0 + len(self.output_ids) * self.slo.tpot_s
 
     def arrived_message(self) -> protos.RequestArrived:
         return protos.RequestArrived(
