@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import sys
+import time
 
 import pytest
 
@@ -146,14 +147,12 @@ def _planner(endpoint):
 
 def _poll_until(poll, sched, clock, pred, tries=300):
     """Poll like the scheduler loop does (clock moving) until `pred(output)` holds."""
-    import time as _time
-
     for _ in range(tries):
         out = poll(sched)
         if pred(out):
             return out
         clock.t += 0.6  # past the link's hello retry interval
-        _time.sleep(0.02)
+        time.sleep(0.02)
     raise AssertionError("condition never held")
 
 
@@ -163,6 +162,22 @@ def _recv(planner, kind, tries=50):
         if got is not None and isinstance(got[1], kind):
             return got
     raise AssertionError(f"no {kind.__name__} received")
+
+
+def _welcomed_link(name: str):
+    """A rank-0 scheduler shell whose planner link has handshaken with a test planner."""
+    endpoint = ipc_endpoint(name)
+    planner = _planner(endpoint)
+    sched = scheduler_shell()
+    sched.token_to_kv_pool_allocator = kv_and_cache()[0]
+    clock = FakeClock()
+    state = state_for(sched, endpoint=endpoint, clock=clock)
+    poll = hooked(Scheduler._poll_timeout_aborts, hooks.poll_planner, HookType.AFTER)
+    _poll_until(poll, sched, clock, lambda out: state.link.state.value == "waiting")
+    engine, _ = _recv(planner, EngineHello)
+    planner.send(engine, PlannerWelcome(protocol_version=PROTOCOL_VERSION, accepted=True, policy="t"))
+    _poll_until(poll, sched, clock, lambda out: state.link.up)
+    return endpoint, planner, state, clock, poll, sched
 
 
 def test_rank0_poll_handshakes_and_broadcasts_plans_over_zmq():
@@ -210,47 +225,25 @@ def test_rank0_poll_handshakes_and_broadcasts_plans_over_zmq():
 
 
 def test_dead_planner_never_blocks_and_link_goes_down():
-    endpoint = ipc_endpoint("test-plugin-dead")
-    planner = _planner(endpoint)
-    sched = scheduler_shell()
-    sched.token_to_kv_pool_allocator = kv_and_cache()[0]
-    clock = FakeClock()
-    state = state_for(sched, endpoint=endpoint, clock=clock)
-    poll = hooked(Scheduler._poll_timeout_aborts, hooks.poll_planner, HookType.AFTER)
-    _poll_until(poll, sched, clock, lambda out: state.link.state.value == "waiting")
-    engine, _ = _recv(planner, EngineHello)
-    planner.send(engine, PlannerWelcome(protocol_version=PROTOCOL_VERSION, accepted=True, policy="t"))
-    _poll_until(poll, sched, clock, lambda out: state.link.up)
+    endpoint, planner, state, clock, poll, sched = _welcomed_link("test-plugin-dead")
     planner.close()  # the planner dies
-    import time as _time
-
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(50):
         clock.t += 0.1
         state.poll()
         state.link.send(IterationReport(step=1, start_s=0, end_s=0, plan_step=-1, prefill_tokens=0, verify_tokens=0,
                                         draft_steps=0, context_tokens=0, kv_free_tokens=0), clock.t)
-        _time.sleep(0.005)
-    assert _time.perf_counter() - t0 < 5.0
+        time.sleep(0.005)
+    assert time.perf_counter() - t0 < 5.0
     assert not state.link.up
     state.link.close()
 
 
 def test_restarted_planner_at_same_endpoint_gets_a_new_handshake():
-    endpoint = ipc_endpoint("test-plugin-restart")
-    planner = _planner(endpoint)
-    sched = scheduler_shell()
-    sched.token_to_kv_pool_allocator = kv_and_cache()[0]
-    clock = FakeClock()
-    state = state_for(sched, endpoint=endpoint, clock=clock)
-    poll = hooked(Scheduler._poll_timeout_aborts, hooks.poll_planner, HookType.AFTER)
-    _poll_until(poll, sched, clock, lambda out: state.link.state.value == "waiting")
-    engine, _ = _recv(planner, EngineHello)
-    planner.send(engine, PlannerWelcome(protocol_version=PROTOCOL_VERSION, accepted=True, policy="t"))
-    _poll_until(poll, sched, clock, lambda out: state.link.up)
+    endpoint, planner, state, clock, poll, sched = _welcomed_link("test-plugin-restart")
     planner.close()
     planner = _planner(endpoint)  # a fresh planner: ZeroMQ reconnects silently, it knows nothing
-    __import__("time").sleep(0.5)  # let the DEALER reconnect, so the report below is delivered
+    time.sleep(0.5)  # let the DEALER reconnect, so the report below is delivered
     try:
         report = IterationReport(step=1, start_s=0, end_s=0, plan_step=-1, prefill_tokens=0, verify_tokens=0,
                                  draft_steps=0, context_tokens=0, kv_free_tokens=0)

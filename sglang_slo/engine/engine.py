@@ -154,6 +154,11 @@ class Engine:
             self._plan = plan
 
     @property
+    def plan(self) -> protos.Plan | None:
+        """The newest plan received (valid or not)."""
+        return self._plan
+
+    @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 

@@ -136,7 +136,7 @@ class EmbeddedDriver:
         """Let the link apply queued plans to the engine (and handshake when needed)."""
         if self.link is None or not self.link.poll(wait_ms=wait_ms):
             return
-        plan = getattr(self.engine, "_plan", None)  # the newest plan the engine holds
+        plan = self.engine.plan
         if plan is not None and plan is not self._plan_seen:
             self._plan_seen = plan
             self.metrics.plan_latency.observe(plan.plan_latency_s)
