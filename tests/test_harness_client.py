@@ -102,7 +102,12 @@ def test_records_ttft_tpot_and_attainment(server, prompts, tok):
         assert len(r.token_times) == next(g.output_tokens for g in reqs if g.rid == r.rid)
         assert c.usage_prompt_tokens == r.prompt_tokens  # the prompt text has the trace's length
         assert TTFT_S * 0.9 <= r.ttft_s < TTFT_S + 0.5
-        assert TPOT_S * 0.9 <= r.tpot_s < TPOT_S * 2.0
+        assert r.tpot_s >= TPOT_S * 0.9  # the stub never emits faster than its TPOT
+        # The recorded decode span fits inside the server's own emission span (no TTFT or
+        # client-side delay counted as decode time); load-independent, unlike a bound on TPOT.
+        e = next(e for e in server.received if e["body"]["max_tokens"] == len(r.token_times)
+                 and e["body"]["custom_params"]["slo"]["class"] == r.slo_class)
+        assert r.token_times[-1] - r.token_times[0] <= e["t_done"] - e["t_recv"] - TTFT_S * 0.9 + 0.25
         assert all(b >= a for a, b in zip(r.token_times, r.token_times[1:]))
     assert meets_adaserve(by["a"].record) and meets_slos_serve(by["a"].record)
     assert not meets_adaserve(by["b"].record) and not meets_slos_serve(by["b"].record)
