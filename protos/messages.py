@@ -310,7 +310,8 @@ def decode(frame: bytes) -> Message:
     """Decode one frame; raises `ProtocolError` (never anything else) on bad input."""
     try:
         return _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    # msgspec lets a string field's invalid UTF-8 escape as UnicodeDecodeError.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise ProtocolError(f"undecodable frame ({len(frame)} bytes): {e}") from None
 
 

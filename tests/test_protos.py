@@ -98,6 +98,12 @@ def test_random_bytes_never_raise_anything_but_protocol_error(frame):
         pass
 
 
+def test_invalid_utf8_in_a_string_field_is_a_protocol_error():
+    # Found by hypothesis: a one-field array whose str field holds byte 0x80.
+    with pytest.raises(m.ProtocolError, match="undecodable"):
+        m.decode(b"\x91\xab" + b"\x00" * 10 + b"\x80")
+
+
 def test_check_hello_reasons():
     ok = m.EngineHello(m.PROTOCOL_VERSION, "sim", [m.SpecMode.NONE], 64, 1000)
     assert m.check_hello(ok) == ""
