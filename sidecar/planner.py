@@ -220,7 +220,7 @@ class Planner:
         """Repair a plan that breaks the policy contract (policies/base.py), so a policy bug
         costs quality, not requests: chunks only for admitted requests and at most their
         remaining prefill; one decode entry (tree_cap >= 1) per decoding request, none for
-        others; prefill + one token per decode entry within the budget, and the budget within
+        others, or none at all in a prefill-only plan (SGLang's default iteration); prefill + one token per decode entry within the budget, and the budget within
         the engine's max_batch_tokens (unless the decode entries alone exceed it).
         O(n) with set operations on the common (valid) path."""
         requests = self.state.requests
@@ -232,7 +232,9 @@ class Planner:
         }
         decode = plan.decode
         entry_rids = set(map(_rid_of, decode))
-        if len(entry_rids) != len(decode) or entry_rids != decoding or (decode and min(map(_cap_of, decode)) < 1):
+        prefill_only = bool(plan.prefill) and not decode  # running requests wait one iteration
+        if not prefill_only and (len(entry_rids) != len(decode) or entry_rids != decoding
+                                 or (decode and min(map(_cap_of, decode)) < 1)):
             kept, seen = [], set()
             for e in decode:
                 if e.rid in decoding and e.rid not in seen:

@@ -67,3 +67,39 @@ def test_simulator_stays_torch_free():
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def _waiting(rid: str, prompt: int) -> SimRequest:
+    slo = protos.Slo(ttft_s=1.0, tpot_s=0.1)
+    g = GenRequest(rid=rid, arrival_s=0.0, prompt_tokens=prompt, output_tokens=50, max_new_tokens=50, slo=slo,
+                   alphas=[0.8])
+    return SimRequest(gen=g, record=RequestRecord(rid=rid, slo=slo, arrival_s=0.0))
+
+
+def test_prefill_only_plan_makes_running_requests_wait():
+    """SGLang's default iteration: a plan with chunks and no decode entries runs only the
+    chunks; once they cannot run, the same plan decodes instead of idling."""
+    kv = KvBlocks(10_000, 16)
+    sched = SimScheduler(SchedulerLimits(max_batch_tokens=512, max_running=8, max_depth=8, max_width=4,
+                                         fallback_budget=64), kv)
+    a = _running("a", 20, 3)
+    assert kv.grow("a", a.num_computed + 1)
+    sched.running.append(a)
+    b = _waiting("b", 100)
+    sched.add(b)
+    plan = protos.Plan(step=1, valid_until_s=10.0, token_budget=512, prefill=[protos.PrefillChunk("b", 100)],
+                       decisions=[protos.AdmissionDecision("b", protos.Decision.ADMIT)])
+    first = sched.schedule(plan, 0.0)
+    assert [(p.req.rid, p.num_tokens) for p in first.prefills] == [("b", 100)] and first.decodes == []
+    b.num_computed += 100
+    b.decoded = 1
+    again = sched.schedule(plan, 0.1)  # b's prompt is done: nothing to prefill -> decode
+    assert again.prefills == [] and sorted(w.req.rid for w in again.decodes) == ["a", "b"]
+    # With a decode entry the same chunk runs mixed with a's decode (the other mode).
+    c = _waiting("c", 40)
+    sched.add(c)
+    mixed = sched.schedule(protos.Plan(step=2, valid_until_s=10.0, token_budget=512,
+                                       prefill=[protos.PrefillChunk("c", 40)],
+                                       decode=[protos.DecodeEntry("a")],
+                                       decisions=[protos.AdmissionDecision("c", protos.Decision.ADMIT)]), 0.2)
+    assert [p.req.rid for p in mixed.prefills] == ["c"] and "a" in [w.req.rid for w in mixed.decodes]

@@ -143,8 +143,8 @@ def test_resync_replaces_state(planner):
     assert list(st.requests) == ["x", "y"] and st.step == 41 and st.kv_free_tokens == 5000
     assert st.requests["x"].is_decoding and st.requests["x"].decoded == 7
     assert st.limits.max_batch_tokens == 1024  # limits survive a resync
-    plan = planner.plan(2.0)
-    assert plan.step == 43 and [e.rid for e in plan.decode] == ["x"]
+    plan = planner.plan(2.0)  # fcfs, prefill first: y's prompt runs, x waits
+    assert plan.step == 43 and plan.decode == [] and [(c.rid, c.tokens) for c in plan.prefill] == [("y", 50)]
     assert [(d.rid, d.decision) for d in plan.decisions] == [("y", D.ADMIT)]
 
 
@@ -158,9 +158,9 @@ def test_valid_until_covers_a_few_predicted_iterations(planner):
 
 def test_policy_defaults_from_profile_and_overrides():
     p = Planner.create("fcfs", HW)
-    assert p.policy.config.chunk_size == 2048 and p.policy.config.spec_k == 3
+    assert p.policy.config.chunk_size == 8192 and p.policy.config.spec_k == 3
     p = Planner.create("fcfs", HW, spec_k=0)
-    assert p.policy.config.spec_k == 0 and p.policy.config.chunk_size == 2048
+    assert p.policy.config.spec_k == 0 and p.policy.config.chunk_size == 8192
 
 
 def test_register_policy_and_missing_module_errors():

@@ -1,5 +1,6 @@
-"""fcfs / priority: plan invariants on many random planner states (hypothesis), plus the
-behaviours that define them (FCFS head-of-line order, chunk size, fixed k, priority preemption)."""
+"""fcfs / fcfs_mixed / priority: plan invariants on many random planner states (hypothesis),
+plus the behaviours that define them (SGLang's prefill-first non-mixed iteration, FCFS
+head-of-line order, chunk size, fixed k, priority preemption)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def check_invariants(planner: Planner, before: dict[str, tuple], plan: m.Plan, m
         assert e.width <= lim.max_width
         if lim.depth_tiers and e.depth:
             assert e.depth in lim.depth_tiers
+    prefill_only = bool(plan.prefill) and not plan.decode  # running requests wait (SGLang default)
     for rid, (admitted, prefilled_full, remaining, _) in before.items():
-        if admitted and prefilled_full and decisions.get(rid) != D.PREEMPT:
+        if admitted and prefilled_full and decisions.get(rid) != D.PREEMPT and not prefill_only:
             assert rid in decode_rids, f"running {rid} has no decode entry"
         if admitted:
             assert decisions.get(rid) not in (D.DEFER, D.REJECT), f"admitted {rid} was {decisions.get(rid)}"
@@ -100,7 +102,7 @@ def _snapshot(planner: Planner) -> dict[str, tuple]:
     return {r.rid: (r.is_admitted, r.is_prefilled, r.remaining_prefill, r.slo.priority) for r in planner.state.requests.values()}
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("policy", ["fcfs", "fcfs_mixed", "priority"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     reqs=st.lists(req_strategy, max_size=60),
@@ -117,9 +119,15 @@ def test_plan_invariants_on_random_states(policy, reqs, kv_free, max_batch_token
     plan = planner.plan(100.0)
     check_invariants(planner, before, plan, max_batch_tokens)
     assert sum(c.tokens for c in plan.prefill) <= chunk
+    if policy == "fcfs_mixed":  # decode rows of a mixed batch do not speculate
+        assert not plan.prefill or all(e.depth == 0 and e.tree_cap == 1 for e in plan.decode)
+    else:  # SGLang default: a prefill iteration carries no decodes
+        assert not plan.prefill or not plan.decode
+    # Only the last chunk may stop short of its prompt's end (SGLang's single chunked request).
+    assert all(c.tokens == before[c.rid][2] for c in plan.prefill[:-1])
     # Admissions fit the KV the policy believes is available (plus what preemption freed).
     admitted_now = [r for r in planner.state.requests.values() if before[r.rid][0] is False and r.is_admitted]
-    if policy == "fcfs":
+    if policy != "priority":
         assert not any(d.decision == D.PREEMPT for d in plan.decisions)
         # FCFS: admitted ones are a prefix of the waiting queue (arrival order).
         waiting = [rid for rid, (adm, *_r) in before.items() if not adm and planner.state.requests[rid].decision != D.REJECT or rid in {r.rid for r in admitted_now}]
@@ -144,7 +152,7 @@ def test_fcfs_fixed_k_chunks_and_head_of_line():
         {"prompt": 10, "max_new": 10, "phase": "waiting", "frac": 0, "decoded_frac": 0, "priority": 0, "cached_frac": 0},
     ], kv_free=9_000)
     plan = planner.plan(1.0)
-    assert [(e.rid, e.depth, e.tree_cap, e.width, e.min_tokens) for e in plan.decode] == [("r0", 3, 4, 1, 1.0)]
+    assert plan.decode == []  # prefill first: r0 waits while r1's chunk runs (SGLang default)
     assert [(c.rid, c.tokens) for c in plan.prefill] == [("r1", 300)]  # one chunk of chunk_size
     # r2 does not fit in KV: it blocks r3 behind it (SGLang FCFS head-of-line)
     assert [(d.rid, d.decision) for d in plan.decisions] == [("r1", D.ADMIT)]
@@ -156,6 +164,25 @@ def test_fcfs_fixed_k_chunks_and_head_of_line():
     assert plan2.step == 2
     assert [(c.rid, c.tokens) for c in plan2.prefill] == [("r1", 100)]
     assert plan.token_budget == 512 and plan.spec_depth == -1
+    # Nothing left to prefill (r2 still blocks the queue): a decode iteration with fixed k.
+    planner.observe(m.IterationReport(1, 1.0, 1.1, 1, 300, 0, 0, 60, 9_000, [m.RequestProgress("r1", 300, 0)]))
+    planner.observe(m.IterationReport(2, 1.1, 1.2, 2, 100, 0, 0, 60, 9_000, [m.RequestProgress("r1", 400, 1)]))
+    plan3 = planner.plan(1.2)
+    assert plan3.prefill == []
+    assert [(e.rid, e.depth, e.tree_cap, e.width, e.min_tokens) for e in plan3.decode] == [
+        ("r0", 3, 4, 1, 1.0), ("r1", 3, 4, 1, 1.0)]
+
+
+def test_fcfs_mixed_chunk_shares_the_iteration_without_speculation():
+    planner = _planner("fcfs_mixed", max_batch_tokens=512, kv=10_000, spec_k=3, chunk_size=300)
+    _build(planner, [
+        {"prompt": 50, "max_new": 10, "phase": "decoding", "frac": 0, "decoded_frac": 0.5, "priority": 0, "cached_frac": 0},
+        {"prompt": 400, "max_new": 10, "phase": "waiting", "frac": 0, "decoded_frac": 0, "priority": 0, "cached_frac": 0},
+    ], kv_free=9_000)
+    plan = planner.plan(1.0)
+    assert [(e.rid, e.depth, e.tree_cap) for e in plan.decode] == [("r0", 0, 1)]
+    assert [(c.rid, c.tokens) for c in plan.prefill] == [("r1", 299)]  # chunk less r0's token
+    assert make_policy("fcfs_mixed").config.mixed_chunk and not make_policy("fcfs").config.mixed_chunk
 
 
 def test_fcfs_rejects_prompts_larger_than_kv_and_spec_off_without_engine_support():
@@ -178,7 +205,9 @@ def test_depth_tiers_clip_k():
 
 
 def test_priority_orders_and_preempts_lowest_priority_latest_first():
-    planner = _planner("priority", max_batch_tokens=256, kv=3000, spec_k=0, chunk_size=256, new_token_ratio=0.0)
+    # mixed_chunk: the decode entries come with the prefill, so their order shows too.
+    planner = _planner("priority", max_batch_tokens=256, kv=3000, spec_k=0, chunk_size=256, new_token_ratio=0.0,
+                       mixed_chunk=True)
     _build(planner, [
         {"prompt": 1000, "max_new": 10, "phase": "decoding", "frac": 0, "decoded_frac": 0.0, "priority": 0, "cached_frac": 0},
         {"prompt": 1000, "max_new": 10, "phase": "decoding", "frac": 0, "decoded_frac": 0.0, "priority": 0, "cached_frac": 0},

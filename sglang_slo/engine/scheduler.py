@@ -146,7 +146,10 @@ class Scheduler:
     # ---- the batch ---------------------------------------------------------------------
 
     def schedule(self, plan: protos.Plan | None, now: float) -> ScheduledBatch:
-        """The batch for this iteration. `plan` is used iff it is still valid at `now`."""
+        """The batch for this iteration. `plan` is used iff it is still valid at `now`.
+
+        A plan with prefill chunks and no decode entries is a prefill-only iteration: the
+        running requests do not decode in it (unless none of its chunks can run)."""
         fresh = plan is not None and now <= plan.valid_until_s
         batch = ScheduledBatch(plan_step=plan.step if fresh else -1)
         if fresh:
@@ -157,6 +160,14 @@ class Scheduler:
             for e in plan.decode:
                 self.last_entries[e.rid] = e
         batch.token_budget = min(self.last_budget, self.config.max_batch_tokens)
+        if fresh and plan.prefill and not plan.decode:
+            # A prefill-only plan (SGLang's default prefill-first, non-mixed iteration):
+            # running requests wait while its chunks run; if none of them can run (already
+            # done, no KV), the iteration decodes instead of idling.
+            self._schedule_prefills(plan, batch, now)
+            if not batch.prefills:
+                self._schedule_decodes(plan, batch, now)
+            return batch
         self._schedule_decodes(plan if fresh else None, batch, now)
         self._schedule_prefills(plan if fresh else None, batch, now)
         return batch

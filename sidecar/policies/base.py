@@ -7,12 +7,14 @@ applies the plan's admission decisions to its state, so a policy only decides.
 Contract every policy keeps (tests/test_sidecar_policies_invariants.py checks fcfs/priority):
 - sum(prefill chunk tokens) + len(decode) <= token_budget;
 - every running (admitted, fully prefilled) request has a decode entry with tree_cap >= 1,
-  unless the same plan preempts it (Decision.PREEMPT);
+  unless the same plan preempts it (Decision.PREEMPT), or the plan is prefill-only
+  (prefill chunks, no decode entries at all: SGLang's default non-mixed prefill iteration,
+  in which running requests wait);
 - no chunk exceeds the request's remaining prefill; chunks only for admitted requests or
   requests admitted in the same plan;
 - an admitted running request is never DEFERred or REJECTed.
 
-Registry: `make_policy(name, **overrides)`. Built-ins: fcfs, priority. The others live in
+Registry: `make_policy(name, **overrides)`. Built-ins: fcfs, fcfs_mixed, priority. The others live in
 modules `sidecar.policies.<name>` (imported on first use) that define
 `make(**overrides) -> Policy`; or any code may call `register_policy(name, factory)`.
 """
@@ -73,6 +75,7 @@ _REGISTRY: dict[str, Factory] = {}
 # name -> module that defines `make(**overrides) -> Policy` (imported on first use)
 _LAZY: dict[str, str] = {
     "fcfs": "sidecar.policies.fcfs",
+    "fcfs_mixed": "sidecar.policies.fcfs_mixed",
     "priority": "sidecar.policies.priority",
     "specserve": "sidecar.policies.specserve",
     "adaserve": "sidecar.policies.adaserve",

@@ -3,11 +3,19 @@
 - Admission first-come-first-served while KV fits (prompt + `new_token_ratio` of the output
   reserved, SGLang's PrefillAdder rule); head-of-line blocking: the first request that does
   not fit stops admission (as SGLang does).
-- Chunked prefill: at most `chunk_size` prompt tokens per iteration, mixed with decode
-  (SGLang `--enable-mixed-chunk`); partially prefilled requests continue first. Prefill has
-  priority over draft tokens, as SGLang runs a pending prefill batch before the next decode.
-- Every running request decodes with the same fixed speculation depth k (chain, width 1;
-  k = 0: speculation off), clipped to the engine's limits and depth tiers.
+- Prefill-first, non-mixed (SGLang's default; reference sglang-0.5.23-internals.md §1.2):
+  an iteration is EITHER a prefill (extend) batch OR a decode batch. Whenever prompt tokens
+  can be scheduled (the in-flight chunked request first, then waiting requests FCFS), the
+  plan holds only prefill chunks, at most `chunk_size` tokens, and no decode entries: the
+  running requests wait that iteration. Only the last admitted request is cut by the chunk
+  budget, so at most one request is partially prefilled at a time.
+- `mixed_chunk=True` models `--enable-mixed-chunk` instead: the prefill chunk shares the
+  iteration with the whole running batch, whose rows then do not speculate (§2.3: decode rows
+  of a mixed batch do not speculate; several SGLang versions even switch mixed chunk off
+  under EAGLE), and the chunk budget shrinks by one token per decoding request.
+- Decode iterations: every running request decodes with the same fixed speculation depth k
+  (chain, width 1; k = 0: speculation off), clipped to the engine's limits and depth tiers.
+  SGLang's usual EAGLE setting is a chain of k = 3 (topk 1, 4 draft tokens).
 - Token budget = the engine's max_batch_tokens.
 """
 
@@ -24,8 +32,13 @@ Decision = protos.Decision
 
 @dataclass(frozen=True)
 class FcfsConfig:
-    chunk_size: int = 2048
-    """Most prompt tokens prefilled per iteration (SGLang chunked_prefill_size)."""
+    chunk_size: int = 8192
+    """Most prompt tokens prefilled per iteration (SGLang chunked_prefill_size). SGLang's
+    default is 8192 on 35-160 GiB GPUs such as H100/A100-80GB (server_args.py,
+    `_handle_gpu_memory_settings` / `_handle_chunked_prefill_size`)."""
+    mixed_chunk: bool = False
+    """True: SGLang `--enable-mixed-chunk` (prefill chunk + non-speculative decodes in one
+    iteration); False: SGLang's default, an iteration is prefill or decode, prefill first."""
     spec_k: int = 3
     """Fixed speculation depth for every running request (0 = off)."""
     new_token_ratio: float = 0.4
@@ -80,7 +93,6 @@ class FcfsPolicy(Policy):
         cfg, state = self.config, ctx.state
         lim = state.limits
         k = self.spec_depth(state)
-        cap = k + 1
         running = self.order(state.running())
         kv_left = state.kv_available(cfg.new_token_ratio)
 
@@ -89,10 +101,10 @@ class FcfsPolicy(Policy):
             if r.prefilled >= r.prompt_tokens:
                 n_decode += 1
         budget = max(lim.max_batch_tokens, n_decode)
-        # Prefill first (SGLang runs a pending prefill batch before decoding), at most one
-        # chunk; every decode entry keeps its root token, and the engine fills the rest of
-        # the budget with draft nodes up to each entry's k+1 cap.
-        left = min(cfg.chunk_size, budget - n_decode)
+        # Prefill first: the in-flight chunked request(s), then admissions, up to one chunk.
+        # Mixed chunk: every decoding request's root comes out of the chunk budget (SGLang's
+        # PrefillAdder `mixed_with_decode_tokens`).
+        left = min(cfg.chunk_size, budget) - (n_decode if cfg.mixed_chunk else 0)
         chunks: dict[str, int] = {}  # rid -> tokens, in service order
         for r in running:
             if left <= 0:
@@ -132,11 +144,15 @@ class FcfsPolicy(Policy):
             chunks[r.rid] = n
             left -= n
 
-        decode = [
-            protos.DecodeEntry(r.rid, 1.0, cap, k, 1)
-            for r in running
-            if r.prefilled >= r.prompt_tokens and (not gone or r.rid not in gone)
-        ]
+        if chunks and not cfg.mixed_chunk:
+            decode: list[protos.DecodeEntry] = []  # a prefill batch: running requests wait
+        else:
+            d = 0 if chunks else k  # decode rows of a mixed batch do not speculate
+            decode = [
+                protos.DecodeEntry(r.rid, 1.0, d + 1, d, 1)
+                for r in running
+                if r.prefilled >= r.prompt_tokens and (not gone or r.rid not in gone)
+            ]
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
@@ -144,7 +160,7 @@ class FcfsPolicy(Policy):
             prefill=[protos.PrefillChunk(rid, n) for rid, n in chunks.items()],
             decode=decode,
             decisions=decisions,
-            spec_depth=k if lim.depth_tiers else -1,
+            spec_depth=(0 if chunks else k) if lim.depth_tiers else -1,
         )
 
 
