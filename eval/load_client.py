@@ -12,13 +12,20 @@ SLO annotated the way SGLang users do: `custom_params: {"slo": {...}}` plus the 
 a chunk that carries several tokens (speculative decoding) stamps all of them with its
 arrival time. HTTP 429 (and an in-stream 429 error) is a rejection, other errors are
 failures; both are SLO misses, never exceptions.
+
+The stream is split into events by `SseDataReader` (lines end at CR, LF or CRLF only, as the
+SSE spec says), not by httpx's `aiter_lines`, which also breaks at U+0085, U+2028 and the
+other characters of `str.splitlines`: SGLang writes those raw inside a chunk's JSON when the
+model generates them, and a split there tore the chunk in two ("malformed SSE data").
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import httpx
 
@@ -142,6 +149,58 @@ def build_request(cfg: ClientConfig, g: GenRequest, prompt: str) -> tuple[dict, 
     return body, headers
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class SseDataReader:
+    """The `data` of each server-sent event, from raw bytes fed in arbitrary pieces.
+
+    `feed(piece)` returns the data of the events the piece completed (an event ends at a blank
+    line; its `data:` lines are joined by a newline). Only CR, LF and CRLF end a line; UTF-8 is
+    decoded per complete line, so a piece may end inside a character or between CR and LF.
+    Comment lines (`:` keep-alives) and other fields are skipped; an event left unterminated
+    when the stream ends is dropped, as the spec says.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+
+    def feed(self, piece: bytes) -> list[str]:
+        self._buf += piece
+        return list(self._events())
+
+    def close(self) -> list[str]:
+        """At the end of the stream: the event a final lone CR completes, if any."""
+        return self.feed(b"\n") if self._buf.endswith(b"\r") else []  # CR + LF: still one line end
+
+    def _events(self) -> Iterator[str]:
+        pos = 0
+        while (m := _LINE_END.search(self._buf, pos)) is not None:
+            if m.group() == b"\r" and m.end() == len(self._buf):
+                break  # maybe the CR of a CRLF whose LF is in the next piece
+            line = self._buf[pos:m.start()].decode("utf-8", "replace")
+            pos = m.end()
+            if not line:
+                if self._data:
+                    yield "\n".join(self._data)
+                self._data = []
+            elif line.startswith("data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(" ") else value)
+        self._buf = self._buf[pos:]
+
+
+async def sse_data(resp: httpx.Response) -> AsyncIterator[str]:
+    """The `data` of each event of a streamed response (see `SseDataReader`)."""
+    reader = SseDataReader()
+    async for piece in resp.aiter_bytes():
+        for data in reader.feed(piece):
+            yield data
+    for data in reader.close():
+        yield data
+
+
 def _error_text(raw: bytes | str) -> str:
     try:
         obj = json.loads(raw)
@@ -175,39 +234,26 @@ async def send_request(http: httpx.AsyncClient, cfg: ClientConfig, g: GenRequest
             if resp.status_code != 200:
                 _fail(call, resp.status_code, _error_text(await resp.aread()))
                 return call
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                now = clock()
-                try:
-                    obj = json.loads(data)
-                except ValueError:
-                    _fail(call, 0, f"malformed SSE data: {data[:100]!r}")
-                    return call
-                if "error" in obj:
-                    err = obj["error"] if isinstance(obj["error"], dict) else {"message": obj["error"]}
-                    code = err.get("code")
-                    _fail(call, code if isinstance(code, int) else 500, str(err.get("message", err))[:300])
-                    return call
-                choices = obj.get("choices") or []
-                delta = "".join(c.get("text") or "" for c in choices)
-                usage = obj.get("usage") or {}
-                if choices:
-                    call.chunks += 1
-                if usage.get("prompt_tokens") is not None:
-                    call.usage_prompt_tokens = int(usage["prompt_tokens"])
-                total = usage.get("completion_tokens")
-                new = (int(total) - len(rec.token_times)) if total is not None else (1 if delta else 0)
-                rec.token_times.extend([now] * max(0, new))
-                call.text += delta
-                if marker_at is None and STAGE_MARKER in call.text:
-                    marker_at = len(rec.token_times)
-                for c in choices:
-                    if c.get("finish_reason"):
-                        call.finish_reason = c["finish_reason"]
+            async with aclosing(sse_data(resp)) as events:
+                async for data in events:
+                    if data.strip() == "[DONE]":
+                        break
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        _fail(call, 0, f"malformed SSE data: {data[:100]!r}")
+                        return call
+                    if not isinstance(obj, dict):
+                        _fail(call, 0, f"SSE data is not a JSON object: {data[:100]!r}")
+                        return call
+                    if "error" in obj:
+                        err = obj["error"] if isinstance(obj["error"], dict) else {"message": obj["error"]}
+                        code = err.get("code")
+                        _fail(call, code if isinstance(code, int) else 500, str(err.get("message", err))[:300])
+                        return call
+                    _take_chunk(call, obj, clock())
+                    if marker_at is None and STAGE_MARKER in call.text:
+                        marker_at = len(rec.token_times)
     except httpx.HTTPError as e:
         _fail(call, 0, f"{type(e).__name__}: {e}")
         return call
@@ -218,6 +264,25 @@ async def send_request(http: httpx.AsyncClient, cfg: ClientConfig, g: GenRequest
     else:
         _fail(call, call.status, f"stream ended with finish_reason={call.finish_reason!r}")
     return call
+
+
+def _take_chunk(call: CallResult, obj: dict, now: float) -> None:
+    """Record one completion chunk that arrived at `now`: its text, its new tokens, finish reason."""
+    rec = call.record
+    choices = obj.get("choices") or []
+    delta = "".join(c.get("text") or "" for c in choices)
+    usage = obj.get("usage") or {}
+    if choices:
+        call.chunks += 1
+    if usage.get("prompt_tokens") is not None:
+        call.usage_prompt_tokens = int(usage["prompt_tokens"])
+    total = usage.get("completion_tokens")
+    new = (int(total) - len(rec.token_times)) if total is not None else (1 if delta else 0)
+    rec.token_times.extend([now] * max(0, new))
+    call.text += delta
+    for c in choices:
+        if c.get("finish_reason"):
+            call.finish_reason = c["finish_reason"]
 
 
 def _stage_starts(call: CallResult, marker_at: int | None) -> None:

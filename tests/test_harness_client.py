@@ -9,6 +9,7 @@ prompts' token counts and the closed-loop timing from the server's side.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -241,7 +242,6 @@ def test_send_request_directly(server, prompts):
 
 
 def test_replay_cli_on_a_saved_trace(server, tok, tmp_path, capsys):
-    import json
 
     from eval.demo_serve import demo_trace
     from eval.replay import main
@@ -304,3 +304,70 @@ def test_slo_annotation_round_trips_through_the_server_intake(ttft, tpots, token
     assert [s.tpot_s for s in got.slo.stages] == pytest.approx([s.tpot_s for s in stages], abs=1e-6)
     if stages:
         assert [s.tokens for s in got.slo.stages] == tokens
+
+
+# --- SSE framing: what SGLang 0.5.23 really streams -------------------------------------------
+# SGLang writes `data: {chunk.model_dump_json()}\n\n`; pydantic leaves non-ASCII raw, so a token
+# the byte-level tokenizer decodes to U+0085 (NEL) or U+2028 travels unescaped inside the JSON.
+# httpx's aiter_lines breaks lines there too (str.splitlines), which tore 4 of 187 chunks at
+# rate 6 in the CPU comparison ("malformed SSE data").
+ODD_TEXTS = ["plain", "nel\x85after", "ls\u2028ps\u2029", "vt\x0bff\x0cfs\x1c", "cr\rlf\n", "é€😀"]
+
+
+def _sglang_stream(texts: list[str], eol: bytes = b"\n") -> tuple[bytes, list[dict]]:
+    chunks = [{"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": t,
+               "finish_reason": "length" if i == len(texts) - 1 else None}],
+               "usage": {"prompt_tokens": 3, "completion_tokens": i + 1}} for i, t in enumerate(texts)]
+    body = b"".join(b": keep-alive" + eol + b"data: " + json.dumps(c, ensure_ascii=False).encode() + eol + eol
+                    for c in chunks)
+    return body + b"data: [DONE]" + eol + eol, chunks
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(ODD_TEXTS), min_size=1, max_size=6), st.sampled_from([b"\n", b"\r\n", b"\r"]),
+       st.lists(st.integers(1, 400), max_size=8))
+def test_sse_reader_splits_only_at_cr_lf_whatever_the_pieces(texts, eol, cuts):
+    from eval.load_client import SseDataReader
+
+    raw, chunks = _sglang_stream(texts, eol)
+    reader, got = SseDataReader(), []
+    for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(raw)]):
+        got += reader.feed(raw[a:b])  # pieces end anywhere: inside a character, between CR and LF
+    got += reader.close()
+    assert [json.loads(d) for d in got[:-1]] == chunks and got[-1] == "[DONE]"
+
+
+def test_raw_line_separators_in_streamed_text_are_not_a_failure(prompts):
+    """A real HTTP server streaming SGLang's exact framing, one TCP write per odd place."""
+    import http.server
+    import threading
+
+    raw, _ = _sglang_stream(ODD_TEXTS)
+    cuts = sorted({raw.index(b"\xc2\x85") + 1, raw.index("€".encode()) + 2, raw.index(b"[DONE]")})
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            for a, b in zip([0, *cuts], [*cuts, len(raw)]):
+                self.wfile.write(raw[a:b])
+                self.wfile.flush()
+                time.sleep(0.01)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        g = _req("odd", 0.0, 4, len(ODD_TEXTS), Slo(ttft_s=1, tpot_s=1, slo_class="chat"))
+        res = replay_sync(_wl([g]), ClientConfig(base_url=f"http://127.0.0.1:{srv.server_address[1]}"), prompts,
+                          ReplayConfig(max_duration_s=20, warm_connections=0))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    call = res.calls[0]
+    assert call.error == "" and call.record.outcome is Outcome.FINISHED
+    assert call.text == "".join(ODD_TEXTS) and len(call.record.token_times) == len(ODD_TEXTS)
