@@ -326,6 +326,18 @@ def test_plan_token_budget_caps_the_pass():
     assert b.extend_len == 64
 
 
+def test_mixed_forward_leaves_the_plan_budget_minus_its_decode_rows_to_prefill():
+    """--enable-mixed-chunk: SGLang passes the running decoders' tokens; the plan's budget covers both."""
+    from sglang_slo.sglang_plugin.prefill_adder import SloPrefillAdder
+
+    alloc, cache = kv_and_cache()
+    b = make_req(300, "b")
+    adder = SloPrefillAdder.bind(PlanView.of(make_plan(budget=64, prefill={"b": 200})))(
+        *adder_args(alloc, cache), 8, max_prefill_bs=0, prefill_max_requests=None)  # 8 decode rows ride along
+    run_prefill_pass(adder, [b], cache)
+    assert b.extend_len == 64 - 8
+
+
 def test_no_plan_is_sglang_unchanged():
     adder, cache = _adder(None)
     reqs = [make_req(100, "a"), make_req(300, "b")]
@@ -425,6 +437,23 @@ def test_iteration_report_from_a_real_prefill_batch():
     rep = build_report(batch, SimpleNamespace(num_correct_drafts_per_req_cpu=[2, 0]), step=4, plan_step=-1,
                        end_s=6.0, kv_free_tokens=800, waiting=0, spec_depth=3)
     assert rep.verify_tokens == 2 * 4 and rep.draft_steps == 3 and [p.accepted for p in rep.progress] == [2, 0]
+
+
+def test_iteration_report_of_a_mixed_forward_counts_decode_rows_as_decode():
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_slo.sglang_plugin.iteration_report import build_report
+
+    a, d = make_req(30, "a"), make_req(40, "d")
+    d.output_ids.extend([5, 6])  # a running decoder SGLang mixed into a's prefill forward
+    batch = ScheduleBatch(reqs=[a, d], forward_mode=ForwardMode.MIXED, extend_lens=[30, 1], prefix_lens=[0, 41],
+                          decoding_reqs=[d])
+    rep = build_report(batch, SimpleNamespace(), step=1, plan_step=0, end_s=1.0, kv_free_tokens=9, waiting=0)
+    assert (rep.prefill_tokens, rep.verify_tokens) == (30, 1)
+    assert [(p.rid, p.prefill_tokens) for p in rep.progress] == [("a", 30), ("d", 0)]
 
 
 # ------------------------------------------------------------------ speculation depth

@@ -30,6 +30,13 @@ def note_first_tokens(reqs, now_s: float) -> None:
             s.first_token_s = now_s
 
 
+def decoders_in_mixed(batch) -> set[int]:
+    """ids of the running requests SGLang mixed into this prefill forward (empty otherwise)."""
+    if not batch.forward_mode.is_mixed():
+        return set()
+    return {id(r) for r in (batch.decoding_reqs or [])}
+
+
 def build_report(
     batch,
     result,
@@ -42,15 +49,16 @@ def build_report(
     spec_depth: int = 0,
 ) -> IterationReport:
     """Summarise one forward. `spec_depth`: draft steps this decode ran (0 = none)."""
-    extend = batch.forward_mode.is_extend()
+    extend = batch.forward_mode.is_extend()  # prefill or mixed (--enable-mixed-chunk)
     extend_lens = list(batch.extend_lens or []) if extend else []
     prefix_lens = list(batch.prefix_lens or []) if extend else []
+    riders = decoders_in_mixed(batch)  # decode rows of a mixed forward: one token each, no prompt
     accepted = getattr(result, "num_correct_drafts_per_req_cpu", None) or []
     depth = 0 if extend else max(spec_depth, 0)
     progress = []
     for i, req in enumerate(batch.reqs):
         s = req_slo(req)
-        chunk = extend_lens[i] if i < len(extend_lens) else 0  # prompt tokens this forward
+        chunk = extend_lens[i] if i < len(extend_lens) and id(req) not in riders else 0  # prompt tokens
         prefilled = prefix_lens[i] + chunk if i < len(prefix_lens) else len(req.origin_input_ids)
         progress.append(
             RequestProgress(
@@ -70,8 +78,8 @@ def build_report(
         start_s=float(batch.launch_ts or end_s),
         end_s=end_s,
         plan_step=plan_step,
-        prefill_tokens=sum(extend_lens),
-        verify_tokens=0 if extend else n * (depth + 1),
+        prefill_tokens=sum(p.prefill_tokens for p in progress),
+        verify_tokens=len(riders) if extend else n * (depth + 1),
         draft_steps=depth,
         context_tokens=sum(req.seqlen for req in batch.reqs),
         kv_free_tokens=kv_free_tokens,

@@ -14,10 +14,13 @@ that already carries an unfinished chunk, or has cut one, admits only whole prom
 from __future__ import annotations
 
 import functools
+import inspect
 
 from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
 
 from sglang_slo.sglang_plugin.plan_state import PlanView
+
+_ARGS = inspect.signature(PrefillAdder.__init__)  # to find num_mixed_decode_tokens however it is passed
 
 
 class SloPrefillAdder(PrefillAdder):
@@ -29,7 +32,10 @@ class SloPrefillAdder(PrefillAdder):
         self.unfinished_chunk = False  # the continuing chunked request stays partial
         if plan is None:
             return
-        budget = max(plan.token_budget, 0)  # tokens
+        # The plan's budget counts the decode tokens of the iteration too; in a mixed forward
+        # (--enable-mixed-chunk) those ride in this batch, so the prefill gets the rest.
+        riders = _ARGS.bind(self, *args, **kwargs).arguments.get("num_mixed_decode_tokens", 0) or 0
+        budget = max(plan.token_budget - riders, 0)  # tokens
         self.rem_input_tokens = min(self.rem_input_tokens, budget)
         if self.rem_chunk_tokens is not None:
             self.rem_chunk_tokens = min(self.rem_chunk_tokens, budget)

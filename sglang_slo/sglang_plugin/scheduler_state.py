@@ -229,7 +229,7 @@ class SloSchedulerState:
     def _log_iteration(self, report, batch, plan: PlanView | None) -> None:
         line = {
             "step": report.step, "plan_step": report.plan_step, "start_s": report.start_s, "end_s": report.end_s,
-            "mode": "prefill" if batch.forward_mode.is_extend() else "decode",
+            "mode": _mode(batch),
             "prefill": {p.rid: p.prefill_tokens for p in report.progress if p.prefill_tokens},
             "rids": [p.rid for p in report.progress], "waiting": report.waiting,
             "plan_prefill": dict(plan.prefill_tokens) if plan is not None else None,
@@ -349,6 +349,12 @@ class SloSchedulerState:
             requests=snaps,
             kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
         )
+
+
+def _mode(batch) -> str:
+    """'prefill', 'mixed' (prefill with decoders riding along) or 'decode'."""
+    fm = batch.forward_mode
+    return "mixed" if fm.is_mixed() else "prefill" if fm.is_extend() else "decode"
 
 
 def _open_log(path: str | None):
