@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_slo.engine.attention import AttentionBatch, SequenceInput, paged_attention
+from sglang_slo.engine.attention import (AttentionBatch, SequenceInput, decode_step_batch, paged_attention,
+                                         position_slots)
 from sglang_slo.engine.config import ModelConfig
 from sglang_slo.engine.kv_cache import KVCache, blocks_needed, slots_for_positions
 from sglang_slo.engine.model import LlamaForCausalLM
@@ -172,3 +173,39 @@ def test_cuda_forward_matches_cpu():
         ids = torch.arange(15, device=dev) % 97
         outs.append(m.logits(m.forward(ids, b.positions, b, kv)).cpu())
     assert (outs[0] - outs[1]).abs().max() < 1e-3
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), num_seqs=st.integers(1, 6), block_size=st.sampled_from([1, 4, 16]))
+def test_decode_step_batch_equals_build(seed, num_seqs, block_size):
+    """The draft chains' tensor-only decode metadata gives the same attention output, K/V
+    writes and positions as `AttentionBatch.build` for the same decode tokens."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, d = 4, 2, 8
+    ctxs = [rng.randrange(0, 40) for _ in range(num_seqs)]
+    per = [blocks_needed(c + 1, block_size) + rng.randrange(2) for c in ctxs]
+    ids = list(range(1, sum(per) + 1))  # block 0 = null block (pads short tables)
+    rng.shuffle(ids)
+    tables, o = [], 0
+    for n in per:
+        tables.append(ids[o:o + n])
+        o += n
+    outs = []
+    for build in ("build", "decode_step"):
+        kv = KVCache(1, sum(per) + 1, block_size, kv_heads, d, dtype=torch.float32)
+        kv.k.normal_(generator=torch.Generator().manual_seed(seed))
+        kv.v.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        if build == "build":
+            batch = AttentionBatch.build([SequenceInput(t, c, 1) for t, c in zip(tables, ctxs)], block_size)
+        else:
+            slots = position_slots(tables, max(ctxs) + 1 + rng.randrange(3), block_size)
+            batch = decode_step_batch(slots, ctxs)
+        q = torch.randn(num_seqs, heads, d, generator=gen)
+        k = torch.randn(num_seqs, kv_heads, d, generator=gen)
+        v = torch.randn(num_seqs, kv_heads, d, generator=gen)
+        gen = torch.Generator().manual_seed(seed)  # same q/k/v for both
+        outs.append((paged_attention(q, k, v, batch, kv, 0, d ** -0.5), batch.positions, batch.slot_mapping, kv.k.clone()))
+    (a, pa, sa, ka), (b, pb, sb, kb) = outs
+    assert torch.equal(pa, pb) and torch.equal(sa, sb) and torch.equal(ka, kb)
+    assert torch.allclose(a, b, atol=1e-6)

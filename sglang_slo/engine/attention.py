@@ -140,6 +140,39 @@ class AttentionBatch:
                    identity_order=identity)
 
 
+def position_slots(block_tables: Sequence[Sequence[int]], num_positions: int, block_size: int,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Cache slot of positions 0 .. num_positions-1 of each sequence: [B, num_positions] int64.
+
+    Tables shorter than needed are padded with block 0 (the engine's null block)."""
+    n_blocks = max(blocks_needed(num_positions, block_size), 1)
+    tables = torch.tensor([list(t[:n_blocks]) + [0] * (n_blocks - len(t)) for t in block_tables],
+                          dtype=torch.int64)                                   # [B, blocks]
+    pos = torch.arange(num_positions)
+    return (tables[:, pos // block_size] * block_size + pos % block_size).to(device)
+
+
+def decode_step_batch(slots: torch.Tensor, context_lens: list[int]) -> AttentionBatch:
+    """Batch of one new token per sequence at position `context_lens[i]` (causal decode).
+
+    `slots` [B, P] from `position_slots` (P > max context). Tensor ops only, no per-sequence
+    Python: the per-step metadata of draft chains, equal to what `AttentionBatch.build`
+    makes for the same sequences with query_len 1.
+    """
+    b, dev = len(context_lens), slots.device
+    ctx = torch.tensor(context_lens, dtype=torch.int64, device=dev)            # [B]
+    n_k = max(context_lens) + 1
+    rows = torch.arange(b, device=dev)
+    mask = None
+    if min(context_lens) != n_k - 1:  # unequal lengths: hide each row's keys past its token
+        mask = (torch.arange(n_k, device=dev)[None, :] <= ctx[:, None])[:, None, None, :]  # [B,1,1,K]
+    group = AttentionGroup(q_index=rows[:, None], k_slots=slots[:, :n_k].contiguous(), mask=mask,
+                           out_rows=rows, flat_rows=rows)
+    return AttentionBatch(slot_mapping=slots.gather(1, ctx[:, None])[:, 0], positions=ctx,
+                          query_starts=list(range(b)), query_lens=[1] * b,
+                          context_lens=list(context_lens), groups=[group], identity_order=True)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
                     kv: KVCache, layer: int, scale: float) -> torch.Tensor:
     """Write new K/V to the cache, then attend.
@@ -152,9 +185,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: At
     gqa = num_heads != k.shape[1]
     outs = []
     for g in batch.groups:
-        qg = q[g.q_index].transpose(1, 2)              # [B, heads, Q, head_dim]
-        kg = k_cache[g.k_slots].transpose(1, 2)        # [B, kv_heads, K, head_dim]
-        vg = v_cache[g.k_slots].transpose(1, 2)
+        # index_select on flat indices: several times cheaper on CPU than 2-D advanced indexing
+        b, n_q = g.q_index.shape
+        n_k = g.k_slots.shape[1]
+        if batch.identity_order:
+            qg = q.view(b, n_q, num_heads, head_dim).transpose(1, 2)  # [B, heads, Q, head_dim]
+        else:
+            qg = q.index_select(0, g.q_index.view(-1)).view(b, n_q, num_heads, head_dim).transpose(1, 2)
+        flat = g.k_slots.reshape(-1)  # [B*K]
+        kg = k_cache.index_select(0, flat).view(b, n_k, -1, head_dim).transpose(1, 2)  # [B, kv_heads, K, hd]
+        vg = v_cache.index_select(0, flat).view(b, n_k, -1, head_dim).transpose(1, 2)
         og = F.scaled_dot_product_attention(qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=g.mask,
                                             scale=scale, enable_gqa=gqa)
         # [B, heads, Q, head_dim] -> [B*Q, heads*head_dim]

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from sglang_slo.engine.attention import AttentionBatch, AttentionGroup, SequenceInput
+from sglang_slo.engine.attention import (AttentionBatch, AttentionGroup, SequenceInput, decode_step_batch,
+                                         position_slots)
 from sglang_slo.engine.block_tables import BlockTables
 from sglang_slo.engine.kv_cache import KVCache
 from sglang_slo.engine.model import LlamaForCausalLM
@@ -69,40 +70,46 @@ class Drafter:
     def _build_chains(self, reqs: list[Request], depths: list[int]) -> tuple[list[DraftTree], int, int, float]:
         """Width-1 beam search (greedy chains) without the general tree bookkeeping: chain node
         v sits at draft position N + v - 1 = its RoPE position, so every step is a plain
-        causal decode step. Same trees as `build_trees(..., width=1)`."""
+        causal decode step whose metadata is sliced from one slot table built up front.
+        Same trees as `build_trees(..., width=1)`."""
         logp, fed = self._catch_up(reqs)
         model_s, steps = self._model_s, 1
-        toks: list[list[int]] = [[] for _ in reqs]
-        lps: list[list[float]] = [[] for _ in reqs]
-        active = list(range(len(reqs)))
+        n = len(reqs)
+        ctx0 = [r.num_tokens for r in reqs]  # committed tokens; node 1 goes to position N
+        slots = None
+        if max(depths) > 1:
+            slots = position_slots([self.tables.table(r.rid, draft=True) for r in reqs],
+                                   max(c + d - 1 for c, d in zip(ctx0, depths)), self.block_size, self.device)
+        toks = torch.zeros(n, max(depths), dtype=torch.long)    # [n, depth] chain tokens
+        lps = torch.zeros(n, max(depths))                        # [n, depth] their draft log-probs
+        active = torch.arange(n)
+        best, arg = logp.max(dim=-1)                             # [n]
         for step in range(1, max(depths) + 1):
-            best, arg = logp.max(dim=-1)  # [len(active)]
-            for i, t, lp in zip(active, arg.tolist(), best.tolist()):
-                toks[i].append(t)
-                lps[i].append(lp)
-            active = [i for i in active if depths[i] > step]
-            if not active:
+            toks[active, step - 1] = arg.cpu()
+            lps[active, step - 1] = best.cpu()
+            keep = [j for j, i in enumerate(active.tolist()) if depths[i] > step]
+            if not keep:
                 break
-            seqs, ids = [], []
-            for i in active:
-                r = reqs[i]
-                seqs.append(SequenceInput(self.tables.table(r.rid, draft=True), r.num_tokens + step - 1, 1))
-                ids.append(toks[i][-1])
-            batch = AttentionBatch.build(seqs, self.block_size, self.device)
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            if len(keep) < len(active):
+                idx = torch.tensor(keep)
+                active, arg = active[idx], arg[idx.to(arg.device)]
+            ids = active.tolist()
+            batch = decode_step_batch(slots[active.to(self.device)], [ctx0[i] + step - 1 for i in ids])
             t = time.perf_counter()
-            hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
-            logits = self.model.logits(hidden)
+            hidden = self.model.forward(arg.to(self.device), batch.positions, batch, self.kv)
+            logits = self.model.logits(hidden)                   # [len(active), vocab]
+            best, arg = logits.max(dim=-1)
+            best = best - torch.logsumexp(logits, dim=-1)        # log-prob of the argmax
             model_s += time.perf_counter() - t
-            logp = torch.log_softmax(logits, dim=-1)
             fed += len(ids)
             steps += 1
         trees = []
-        for root, r_toks, r_lps in zip((r.output_ids[-1] for r in reqs), toks, lps):
-            n = len(r_toks)
-            dlp = torch.tensor([0.0] + r_lps)
-            trees.append(DraftTree(tokens=torch.tensor([root] + r_toks), parents=torch.arange(-1, n),
-                                   depth=torch.arange(n + 1), draft_logprob=dlp, path_logprob=dlp.cumsum(0)))
+        for i, r in enumerate(reqs):
+            d = depths[i]
+            dlp = torch.cat([torch.zeros(1), lps[i, :d]])
+            trees.append(DraftTree(tokens=torch.cat([torch.tensor([r.output_ids[-1]]), toks[i, :d]]),
+                                   parents=torch.arange(-1, d), depth=torch.arange(d + 1),
+                                   draft_logprob=dlp, path_logprob=dlp.cumsum(0)))
         return trees, steps, fed, model_s
 
     @torch.inference_mode()
