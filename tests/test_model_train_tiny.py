@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,12 +15,12 @@ from sglang_slo.engine.loader import load_model, save_model
 from sglang_slo.engine.tokenizer import Tokenizer, read_texts, stdlib_text_files
 
 
-def quick_run(out, seed: int) -> int:
+def quick_run(out, seed: int, extra: list[str] = ()) -> int:
     parser = argparse.ArgumentParser()
     train_tiny.add_arguments(parser)
     args = parser.parse_args(["--out", str(out), "--seed", str(seed), "--target-steps", "3",
                               "--draft-steps", "2", "--batch-size", "2",
-                              "--max-corpus-bytes", "1000000", "--vocab-size", "512"])
+                              "--max-corpus-bytes", "1000000", "--vocab-size", "512", *extra])
     return train_tiny.run(args)
 
 
@@ -83,3 +84,35 @@ def test_committed_pair_is_complete():
     draft = load_model(root / "draft", dtype=torch.float32)
     assert target.config.num_parameters > 4 * draft.config.num_parameters
     assert target.config.max_position_embeddings == train_tiny.CONTEXT
+
+
+DISTILL = ["--distill-steps", "2", "--distill-prompts", "6", "--distill-new-tokens", "8",
+           "--distill-sampled-fraction", "0.5"]
+
+
+def test_distill_stage_from_base_pair_reproduces_the_full_run(runs, tmp_path):
+    """Base + distill in one command == distill stage alone from the base pair (same bytes),
+    the base draft is kept, and the stage changes the draft."""
+    full = tmp_path / "full"
+    assert quick_run(full, 0, DISTILL) == 0
+    m = json.loads((full / "manifest.json").read_text())
+    base_draft = train_tiny.weights_sha256(runs / "a" / "draft")
+    assert m["draft"]["base_sha256"] == base_draft == train_tiny.weights_sha256(full / "draft-base")
+    assert m["draft"]["sha256"] == train_tiny.weights_sha256(full / "draft") != base_draft
+    assert m["distill"]["steps"] == 2 and m["distill"]["sequences"] == [6, 64 + 8]
+    assert "--distill-steps 2" in m["reproduce"] and "--target-steps 3" in m["reproduce"]
+    staged = tmp_path / "staged"
+    assert quick_run(staged, 0, DISTILL + ["--from-pair", str(full)]) == 0  # uses full/draft-base
+    assert train_tiny.weights_sha256(staged / "draft") == m["draft"]["sha256"]
+    assert train_tiny.weights_sha256(staged / "target") == m["target"]["sha256"]
+
+
+def test_from_pair_rejects_a_mismatched_base(runs, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(runs / "a", bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["target"]["sha256"] = "0" * 64
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert quick_run(tmp_path / "out", 0, DISTILL + ["--from-pair", str(bad)]) == 1
+    assert "does not match" in capsys.readouterr().err
+    assert quick_run(tmp_path / "out", 0, ["--from-pair", str(runs / "a")]) == 1  # no stage

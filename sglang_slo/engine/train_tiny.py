@@ -10,6 +10,10 @@ Deterministic for a seed and step counts (single thread, fixed data order). `--t
 steps actually run, and `--target-steps N --draft-steps M` reproduces the same weights.
 
 The draft is distilled from the target (0.3 cross-entropy + 0.7 KL(target || draft)).
+With `--distill-steps N` a second stage fine-tunes it on the target's own greedy and sampled
+continuations (`distill_draft.py`; the base draft stays in DIR/draft-base). `--from-pair DIR`
+runs only that stage, starting from the base pair of an earlier run (hash-checked), so the
+committed draft is reproducible in minutes from the committed target and draft-base.
 `ensure_tiny_pair()` returns the committed pair in `sglang_slo/assets/tiny/` (training one
 only when it is missing).
 """
@@ -22,6 +26,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 
 from sglang_slo.engine.attention import AttentionBatch, SequenceInput
 from sglang_slo.engine.config import ModelConfig
+from sglang_slo.engine.distill_draft import DistillSettings, distill, distill_sequences
 from sglang_slo.engine.kv_cache import KVCache, blocks_needed
 from sglang_slo.engine.loader import load_model, save_model
 from sglang_slo.engine.model import LlamaForCausalLM
@@ -239,25 +245,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the saved weights")
     parser.add_argument("--max-corpus-bytes", type=int, default=None,
                         help="use only the first N bytes of stdlib text (quick runs)")
+    d = DistillSettings(steps=0)
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="fine-tune the draft on the target's own continuations for N steps (0 = off)")
+    parser.add_argument("--distill-prompts", type=int, default=d.prompts, help="target continuations generated")
+    parser.add_argument("--distill-new-tokens", type=int, default=d.new_tokens, help="tokens per continuation")
+    parser.add_argument("--distill-sampled-fraction", type=float, default=d.sampled_fraction,
+                        help="share of continuations sampled at T=1 (rest greedy)")
+    parser.add_argument("--distill-hard-weight", type=float, default=d.hard_weight,
+                        help="weight of CE to the target's argmax (rest: KL to the target)")
+    parser.add_argument("--distill-lr", type=float, default=d.lr, help="peak learning rate of the stage")
+    parser.add_argument("--from-pair", default=None, metavar="DIR",
+                        help="skip base training: start the distill stage from DIR's base pair "
+                             "(target/ and draft-base/ or draft/, checked against DIR/manifest.json)")
 
 
-def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    texts = read_texts(stdlib_text_files(), args.max_corpus_bytes)
-    if not texts:
-        print("no Python stdlib sources found", file=sys.stderr)
-        return 1
-    tok = Tokenizer.train(texts, args.vocab_size)
-    train_ids, val_ids = build_corpus(tok, texts)
-    if val_ids.numel() < 2 * CONTEXT or train_ids.numel() < 4 * CONTEXT:
-        print(f"corpus too small: {train_ids.numel()} train / {val_ids.numel()} val tokens "
-              f"(raise --max-corpus-bytes)", file=sys.stderr)
-        return 1
-    print(f"corpus: {len(texts)} files, {train_ids.numel()} train / {val_ids.numel()} val tokens, "
-          f"tokenizer {time.perf_counter() - t_start:.1f}s")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.save_dtype]
+def _base_pair(args, out: Path, tok: Tokenizer, texts: list[str], train_ids: torch.Tensor,
+               val_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Train target, then draft (distilled from the target by KL on stdlib windows) into
+    `out`; returns (manifest, models reloaded from what was saved)."""
     manifest: dict = {
         "command": shlex.join(sys.argv),
         "seed": args.seed, "vocab_size": tok.vocab_size, "context": CONTEXT,
@@ -292,6 +298,128 @@ def run(args: argparse.Namespace) -> int:
                              f"--save-dtype {args.save_dtype}"
                              + (f" --max-corpus-bytes {args.max_corpus_bytes}"
                                 if args.max_corpus_bytes else ""))
+    return manifest, models
+
+
+def _load_base_pair(base: Path, out: Path) -> tuple[dict, dict]:
+    """The base pair of an earlier run (its manifest, target/, and draft-base/ or draft/),
+    checked against the manifest's hashes and copied into `out`."""
+    manifest = json.loads((base / "manifest.json").read_text())
+    draft_dir = base / "draft-base" if (base / "draft-base").is_dir() else base / "draft"
+    want = {"target": manifest["target"]["sha256"],
+            "draft": manifest["draft"].get("base_sha256", manifest["draft"]["sha256"])}
+    for role, d in (("target", base / "target"), ("draft", draft_dir)):
+        if weights_sha256(d) != want[role]:
+            raise ValueError(f"{d}/model.safetensors does not match the base {role} of "
+                             f"{base}/manifest.json (sha256 {want[role][:12]}...)")
+    for role, d in (("target", base / "target"), ("draft", draft_dir)):
+        (out / role).mkdir(parents=True, exist_ok=True)
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            if (d / f).is_file():
+                shutil.copyfile(d / f, out / role / f)
+        if not (out / role / "tokenizer.json").is_file():  # draft-base may share the target's
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copyfile(base / "target" / f, out / role / f)
+    for k in ("distill", "base_greedy_acceptance", "reproduce_from_base"):
+        manifest.pop(k, None)
+    if "base_sha256" in manifest["draft"]:  # undo the distilled draft's entries
+        d = manifest["draft"]
+        d["sha256"], d["val_loss"] = d.pop("base_sha256"), d.pop("base_val_loss")
+    models = {role: load_model(out / role, dtype=torch.float32) for role in ("target", "draft")}
+    return manifest, models
+
+
+def _distill_settings(args) -> DistillSettings:
+    return DistillSettings(steps=args.distill_steps, prompts=args.distill_prompts,
+                           new_tokens=args.distill_new_tokens,
+                           sampled_fraction=args.distill_sampled_fraction,
+                           hard_weight=args.distill_hard_weight, lr=args.distill_lr,
+                           batch_size=args.batch_size)
+
+
+def _distill_flags(args) -> str:
+    return (f" --distill-steps {args.distill_steps} --distill-prompts {args.distill_prompts}"
+            f" --distill-new-tokens {args.distill_new_tokens}"
+            f" --distill-sampled-fraction {args.distill_sampled_fraction}"
+            f" --distill-hard-weight {args.distill_hard_weight} --distill-lr {args.distill_lr}")
+
+
+def _distill_stage(args, out: Path, manifest: dict, models: dict, tok: Tokenizer,
+                   train_ids: torch.Tensor, val_ids: torch.Tensor, dtype: torch.dtype) -> None:
+    """Fine-tune the draft on the target's own continuations (distill_draft.py); the base
+    draft is kept in out/draft-base."""
+    s = _distill_settings(args)
+    seed = args.seed + 2
+    print(f"distill: {s}")
+    manifest["base_greedy_acceptance"] = greedy_acceptance(models["target"], models["draft"], val_ids)
+    if (out / "draft-base").exists():
+        shutil.rmtree(out / "draft-base")
+    shutil.copytree(out / "draft", out / "draft-base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # shared with target/
+        (out / "draft-base" / f).unlink(missing_ok=True)
+    seqs = distill_sequences(models["target"], train_ids, s, seed)
+    stats = distill(models["draft"], models["target"], seqs, s, seed)
+    save_model(models["draft"], out / "draft", dtype=dtype)
+    tok.save(out / "draft", model_max_length=CONTEXT)
+    models["draft"] = load_model(out / "draft", dtype=torch.float32)
+    d = manifest["draft"]
+    d["base_sha256"], d["base_val_loss"] = d["sha256"], d["val_loss"]
+    d["sha256"] = weights_sha256(out / "draft")
+    d["val_loss"] = round(val_loss(models["draft"], val_ids), 4)
+    manifest["distill"] = {**stats, "settings": asdict(s), "seed": seed,
+                           "sequences": list(seqs.shape)}
+    print(f"distill: {stats}, draft val loss {d['base_val_loss']} -> {d['val_loss']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    if args.from_pair and not args.distill_steps:
+        print("--from-pair only makes sense with --distill-steps N", file=sys.stderr)
+        return 1
+    if args.distill_steps:
+        try:
+            s = _distill_settings(args)
+        except ValueError as e:
+            print(f"distill settings: {e}", file=sys.stderr)
+            return 1
+        if s.prompt_len + s.new_tokens > CONTEXT:
+            print(f"--distill-new-tokens {s.new_tokens} + prompt {s.prompt_len} exceeds the context "
+                  f"{CONTEXT}", file=sys.stderr)
+            return 1
+    texts = read_texts(stdlib_text_files(), args.max_corpus_bytes)
+    if not texts:
+        print("no Python stdlib sources found", file=sys.stderr)
+        return 1
+    tok = Tokenizer.load(Path(args.from_pair) / "target") if args.from_pair else Tokenizer.train(texts, args.vocab_size)
+    train_ids, val_ids = build_corpus(tok, texts)
+    if val_ids.numel() < 2 * CONTEXT or train_ids.numel() < 4 * CONTEXT:
+        print(f"corpus too small: {train_ids.numel()} train / {val_ids.numel()} val tokens "
+              f"(raise --max-corpus-bytes)", file=sys.stderr)
+        return 1
+    print(f"corpus: {len(texts)} files, {train_ids.numel()} train / {val_ids.numel()} val tokens, "
+          f"tokenizer {time.perf_counter() - t_start:.1f}s")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.save_dtype]
+    if args.from_pair:
+        try:
+            manifest, models = _load_base_pair(Path(args.from_pair), out)
+        except (OSError, KeyError, ValueError) as e:
+            print(f"--from-pair {args.from_pair}: {e}", file=sys.stderr)
+            return 1
+    else:
+        manifest, models = _base_pair(args, out, tok, texts, train_ids, val_ids, dtype)
+    if args.distill_steps:
+        base_reproduce = manifest["reproduce"].split(" --distill-steps")[0]
+        _distill_stage(args, out, manifest, models, tok, train_ids, val_ids, dtype)
+        manifest["reproduce"] = (f"sglang-slo train-tiny --out {out} --seed"
+                                 + base_reproduce.split(" --seed", 1)[1] + _distill_flags(args))
+        manifest["reproduce_from_base"] = (
+            f"sglang-slo train-tiny --out {out} --from-pair BASE_DIR --seed {args.seed}"
+            f" --batch-size {args.batch_size} --save-dtype {args.save_dtype}" + _distill_flags(args)
+            + (f" --max-corpus-bytes {args.max_corpus_bytes}" if args.max_corpus_bytes else "")
+            + "   # BASE_DIR: a pair from the base command (draft-base/ or draft/), e.g. this directory")
+        manifest["command"] = shlex.join(sys.argv)
     manifest["greedy_acceptance"] = greedy_acceptance(models["target"], models["draft"], val_ids)
     manifest["total_secs"] = round(time.perf_counter() - t_start, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
