@@ -7,7 +7,15 @@ Form (roofline-ish, piecewise linear in the batch's token count n = prefill + ve
                   + k_ctx_s * context_tokens                           # KV reads (attention)
                   + k_pf2_s * prefill_tokens**2                        # causal prefill attention
                   + draft_steps * d_step_s + k_dtok_s * draft_tokens   # drafter
-                  + k_ver_s * verify_tokens )                          # per-decode-token overheads
+                  + k_ver_s * verify_tokens                            # per-decode-token overheads
+                  + k_req_s * requests + k_spec_s * spec_requests      # per-request overheads
+                  + k_tree_s * tree_tokens )                           # tree-shaped drafting
+
+`requests` are the sequences in the forward (prefill chunks + decodes), `spec_requests` the
+decodes that verified draft tokens, `tree_tokens` the draft tokens of requests whose verified
+tree is wider than a chain (tree draft steps build per-node masks, chain steps do not). All
+three come from an IterationReport's progress (`report_features`); callers that do not pass
+them get estimates from the token counts (decodes = verify - draft tokens, one prefill chunk).
 
 All coefficients are seconds (per token, per token^2, per step). `fit()` recovers them by
 least squares (grid search over the knee); `observe()` refits online: a robust EWMA scale
@@ -68,7 +76,8 @@ class EngineLimits:
 
 
 # Names of the coefficients, in feature order (knee_tokens is not a linear coefficient).
-COEFS = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s", "k_ver_s")
+COEFS = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s", "k_ver_s",
+         "k_req_s", "k_spec_s", "k_tree_s")
 
 
 @dataclass
@@ -94,6 +103,13 @@ class CostModel:
     k_ver_s: float = 0.0
     """Extra seconds per verify/decode token over a prefill token (per-request work: sampling,
     tree masks, bookkeeping; large on CPU engines, ~0 on GPU profiles)."""
+    k_req_s: float = 0.0
+    """Seconds per sequence in the forward (prefill chunk or decode): per-request scheduling,
+    metadata and report work (CPU engines)."""
+    k_spec_s: float = 0.0
+    """Extra seconds per speculating request (tree selection, verification walk, KV commit)."""
+    k_tree_s: float = 0.0
+    """Extra seconds per draft token of a tree wider than a chain (per-node tree masks)."""
     scale: float = 1.0
     """Online multiplicative correction (measured / predicted, EWMA)."""
     ewma: float = 0.05
@@ -118,10 +134,20 @@ class CostModel:
         draft_steps: int,
         context_tokens: int,
         draft_tokens: int = 0,
+        requests: int | None = None,
+        spec_requests: int | None = None,
+        tree_tokens: int = 0,
     ) -> float:
-        """Seconds for one engine iteration: `draft_steps` drafter steps then one target forward."""
+        """Seconds for one engine iteration: `draft_steps` drafter steps then one target forward.
+
+        `requests` / `spec_requests` default to estimates from the token counts
+        (`estimate_requests`)."""
         n = prefill_tokens + verify_tokens
         over = n - self.knee_tokens
+        if requests is None or spec_requests is None:
+            est_req, est_spec = estimate_requests(prefill_tokens, verify_tokens, draft_steps, draft_tokens)
+            requests = est_req if requests is None else requests
+            spec_requests = est_spec if spec_requests is None else spec_requests
         t = (
             self.base_s
             + self.k_tok_s * n
@@ -131,6 +157,9 @@ class CostModel:
             + self.d_step_s * draft_steps
             + self.k_dtok_s * draft_tokens
             + self.k_ver_s * verify_tokens
+            + self.k_req_s * requests
+            + self.k_spec_s * spec_requests
+            + self.k_tree_s * tree_tokens
         )
         return self.scale * t
 
@@ -141,15 +170,19 @@ class CostModel:
         """Most batch tokens (prefill + verify) whose iteration fits in `seconds`, when
         `verify_tokens` of them are verify tokens and the rest are priced as prefill.
 
-        The prefill^2 term is ignored (an upper bound when the batch carries a prefill chunk).
+        The prefill^2 term is ignored (an upper bound when the batch carries a prefill chunk);
+        per-request terms count the decodes (estimated from the tokens) and one prefill chunk.
         The answer may be below `verify_tokens`: then not even those fit.
         """
+        decodes, spec = estimate_requests(0, verify_tokens, draft_steps, draft_tokens)
         left = seconds / self.scale - (
             self.base_s
             + self.k_ctx_s * context_tokens
             + self.d_step_s * draft_steps
             + self.k_dtok_s * draft_tokens
             + self.k_ver_s * verify_tokens
+            + self.k_req_s * (decodes + 1)
+            + self.k_spec_s * spec
         )
         if left < 0:
             return 0
@@ -173,15 +206,9 @@ class CostModel:
             measured = report.forward_s
         if not (measured > 0 and math.isfinite(measured)):
             return
-        row = (
-            report.prefill_tokens,
-            report.verify_tokens,
-            report.draft_steps,
-            report.context_tokens,
-            _draft_tokens_of(report),
-            measured,
-        )
-        base = self.iteration_time(*row[:5]) / self.scale
+        feats = report_features(report)
+        row = (*feats[:5], measured, *feats[5:])
+        base = self.iteration_time(*feats) / self.scale
         if base > 0:
             # Clip around the current scale: one stall must not swing it, yet a profile that
             # is off by 10x still converges (geometrically, a factor <= 4 per observation).
@@ -224,18 +251,24 @@ class CostModel:
         fixed: Mapping[str, float] | None = None,
         **settings: Any,
     ) -> "CostModel":
-        """Least-squares fit from rows (prefill, verify, draft_steps, context, draft_tokens, seconds).
+        """Least-squares fit from rows (prefill, verify, draft_steps, context, draft_tokens, seconds)
+        or the same followed by (requests, spec_requests, tree_tokens) (`report_features`);
+        6-column rows get the requests estimated from their tokens (`estimate_requests`).
 
         Residuals are relative (weighted by 1/seconds). The knee is chosen from `knee_grid`
         (default: a grid over the observed batch sizes) by residual; coefficients are kept non-negative (a negative one is dropped and the rest
         refit). `fixed` pins some coefficients (e.g. k_ctx_s from a roofline) and fits the rest.
         """
         rows = np.asarray(list(samples) if not isinstance(samples, np.ndarray) else samples, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] != 6 or len(rows) < 2:
-            raise ValueError("fit needs >= 2 rows of (prefill, verify, draft_steps, context, draft_tokens, seconds)")
+        if rows.ndim != 2 or rows.shape[1] not in (6, 9) or len(rows) < 2:
+            raise ValueError("fit needs >= 2 rows of (prefill, verify, draft_steps, context, draft_tokens, seconds"
+                             "[, requests, spec_requests, tree_tokens])")
         if not np.all(np.isfinite(rows)) or np.any(rows < 0):
             raise ValueError("fit samples must be finite and non-negative")
         fixed = dict(fixed or {})
+        if rows.shape[1] == 6:  # per-request terms are not observed: keep the classic model
+            for name in ("k_req_s", "k_spec_s", "k_tree_s"):
+                fixed.setdefault(name, 0.0)
         if "k_ver_s" not in fixed and (not np.any(rows[:, 0] > 0) or not np.any(rows[:, 1] > 0)):
             fixed["k_ver_s"] = 0.0  # verify premium needs both prefill and verify samples
         unknown = set(fixed) - set(COEFS) - {"knee_tokens"}
@@ -260,19 +293,46 @@ class CostModel:
         return out
 
 
+def estimate_requests(prefill_tokens: float, verify_tokens: float, draft_steps: float,
+                      draft_tokens: float) -> tuple[float, float]:
+    """(requests, spec_requests) when only token counts are known: every decode contributes
+    one root to `verify_tokens` (the rest are draft tokens), a prefill is one chunk, and with
+    draft steps every decode that has draft tokens speculates."""
+    decodes = max(0.0, verify_tokens - draft_tokens)
+    spec = min(decodes, draft_tokens) if draft_steps > 0 and draft_tokens > 0 else 0.0
+    return decodes + (1.0 if prefill_tokens > 0 else 0.0), spec
+
+
+def report_features(report: protos.IterationReport) -> tuple[int, ...]:
+    """(prefill, verify, draft_steps, context, draft_tokens, requests, spec_requests,
+    tree_tokens) of one report: the arguments of `CostModel.iteration_time`."""
+    draft_tokens = spec = tree = 0
+    if report.draft_steps > 0:
+        # Reports carry verify tokens, not draft tokens; every verified draft token was
+        # drafted once (non-root verify tokens), the best estimate available on the wire.
+        for p in report.progress:
+            draft_tokens += p.verified
+            spec += p.verified > 0
+            tree += p.verified if p.verified > p.depth else 0  # wider than a chain
+    return (report.prefill_tokens, report.verify_tokens, report.draft_steps, report.context_tokens,
+            draft_tokens, len(report.progress), spec, tree)
+
+
 def _draft_tokens_of(report: protos.IterationReport) -> int:
-    # Reports carry verify tokens, not draft tokens; every verified draft token was drafted
-    # once (non-root verify tokens), which is the best estimate available on the wire.
-    if report.draft_steps <= 0:
-        return 0
-    return sum(p.verified for p in report.progress)
+    return report_features(report)[4]
 
 
 def _features(rows: np.ndarray, knee: int) -> np.ndarray:
     prefill, verify, steps, ctx, dtok = (rows[:, i] for i in range(5))
+    if rows.shape[1] >= 9:
+        req, spec, tree = rows[:, 6], rows[:, 7], rows[:, 8]
+    else:
+        est = np.array([estimate_requests(*r) for r in rows[:, [0, 1, 2, 4]]]).reshape(-1, 2)
+        req, spec, tree = est[:, 0], est[:, 1], np.zeros(len(rows))
     n = prefill + verify
     return np.stack(
-        [np.ones_like(n), n, np.maximum(0.0, n - knee), ctx, prefill * prefill, steps, dtok, verify], axis=1
+        [np.ones_like(n), n, np.maximum(0.0, n - knee), ctx, prefill * prefill, steps, dtok, verify,
+         req, spec, tree], axis=1
     )  # [rows, len(COEFS)]
 
 
@@ -420,4 +480,5 @@ def with_limits(profile: HardwareProfile, limits: EngineLimits) -> HardwareProfi
     return replace(profile, engine=limits)
 
 
-__all__ = ["EngineLimits", "CostModel", "HardwareProfile", "load_profile", "profile_from_dict", "with_limits"]
+__all__ = ["EngineLimits", "CostModel", "HardwareProfile", "estimate_requests", "load_profile",
+           "profile_from_dict", "report_features", "with_limits"]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from protos import messages as m
-from sidecar.cost_model import CostModel, EngineLimits, load_profile, profile_from_dict
+from sidecar.cost_model import CostModel, EngineLimits, load_profile, profile_from_dict, report_features
 
 TRUE = CostModel(
     base_s=0.006, k_tok_s=3e-6, k_knee_s=2e-5, knee_tokens=256, k_ctx_s=4e-8, k_pf2_s=4.5e-10,
@@ -212,3 +212,60 @@ def test_verify_premium_is_fit_only_when_identifiable_and_inverted():
     n = TRUE.max_tokens_within(0.02, verify_tokens=300)
     assert NOPF2.iteration_time(n - 300, 300, 0, 0) <= 0.02 + 1e-12 < NOPF2.iteration_time(n - 299, 300, 0, 0)
     assert n < TRUE.max_tokens_within(0.02)  # verify tokens cost more than prefill tokens here
+
+
+PER_REQ = CostModel(**{**TRUE.coefficients(), "k_req_s": 6e-5, "k_spec_s": 1.5e-4, "k_tree_s": 4e-5})
+
+
+def _request_rows(model: CostModel, n: int, seed: int = 0) -> list[tuple]:
+    """9-column rows: (prefill, verify, steps, context, draft_tokens, seconds, requests,
+    spec_requests, tree_tokens) of random batches of prefill chunks, decodes, chains, trees."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        chunks, decodes = rng.randint(0, 3), rng.randint(1, 40)
+        spec = rng.randint(0, decodes)
+        steps = rng.randint(1, 6) if spec else 0
+        tree = rng.randint(0, spec) if spec else 0
+        per = [rng.randint(1, steps) if i < spec - tree else rng.randint(steps + 1, 3 * steps)
+               for i in range(spec)]  # chain: <= depth nodes, tree: more
+        p = sum(rng.randint(8, 512) for _ in range(chunks))
+        d, tt = sum(per), sum(per[spec - tree:])
+        v, c = decodes + d, rng.randint(0, 20_000)
+        req = chunks + decodes
+        rows.append((p, v, steps, c, d, model.iteration_time(p, v, steps, c, d, req, spec, tt), req, spec, tt))
+    return rows
+
+
+def test_fit_recovers_per_request_terms_from_request_counts():
+    rows = _request_rows(PER_REQ, 400)
+    fitted = CostModel.fit(rows, knee_grid=[PER_REQ.knee_tokens])
+    for name in ("k_req_s", "k_spec_s", "k_tree_s", "base_s", "d_step_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(PER_REQ, name), rel=0.05), name
+    for r in _request_rows(PER_REQ, 50, seed=1):
+        assert fitted.iteration_time(*r[:5], *r[6:]) == pytest.approx(r[5], rel=1e-3)
+
+
+def test_six_column_rows_keep_the_classic_model():
+    fitted = CostModel.fit(_samples(TRUE, 200, noise=0.0))
+    assert fitted.k_req_s == fitted.k_spec_s == fitted.k_tree_s == 0.0
+
+
+def test_request_counts_default_to_token_estimates():
+    # 3 decodes, all speculating (3 + 3 + 2 draft tokens), plus one prefill chunk.
+    explicit = PER_REQ.iteration_time(100, 11, 4, 500, 8, 4, 3)
+    assert PER_REQ.iteration_time(100, 11, 4, 500, 8) == pytest.approx(explicit)
+    assert PER_REQ.iteration_time(100, 11, 4, 500, 8, tree_tokens=8) == pytest.approx(explicit + 8 * 4e-5)
+
+
+def test_report_features_reads_requests_off_the_report():
+    prog = [m.RequestProgress("p", 10, 0, prefill_tokens=10),
+            m.RequestProgress("c", 0, 5, verified=3, accepted=1, depth=3),   # chain
+            m.RequestProgress("t", 0, 5, verified=6, accepted=2, depth=3),   # tree (wider)
+            m.RequestProgress("d", 0, 5)]                                    # plain decode
+    rep = m.IterationReport(1, 0.0, 0.01, 1, 10, 12, 3, 900, 1000, progress=prog)
+    assert report_features(rep) == (10, 12, 3, 900, 9, 4, 2, 6)
+    model = CostModel(**PER_REQ.coefficients(), refit_every=0)
+    model.observe(rep)  # scale moves toward measured / predicted with the same features
+    ratio = 0.01 / PER_REQ.iteration_time(10, 12, 3, 900, 9, 4, 2, 6)
+    assert model.scale == pytest.approx(0.95 + 0.05 * min(4.0, max(0.25, ratio)))
