@@ -33,7 +33,7 @@ from sglang_slo.engine.engine import Engine, EngineConfig
 from sglang_slo.engine.loader import load_model
 from sglang_slo.engine.request import SamplingParams
 from sglang_slo.engine.scheduler import SchedulerConfig
-from sidecar.cost_model import CostModel, EngineLimits
+from sidecar.cost_model import CostModel, EngineLimits, report_features
 
 _SLO = protos.Slo(ttft_s=10.0, tpot_s=1.0)
 MAX_DEPTH, MAX_WIDTH = 8, 4
@@ -67,9 +67,10 @@ def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: in
             cap: int, budget: int, rng: random.Random | None = None) -> tuple[list[tuple], list[int]]:
     """Run prompts to completion under a plan fixing the shapes; rows and accepted counts.
 
-    Rows: (prefill, verify, draft_steps, context, draft_tokens, cpu_s, wall_s): cpu_s is the
-    step's CPU time on this thread (OMP=1: all compute; the cost of the work itself, immune to
-    other processes on a shared machine), wall_s its end_s - start_s.
+    Rows: (prefill, verify, draft_steps, context, draft_tokens, cpu_s, wall_s, requests,
+    spec_requests, tree_tokens): cpu_s is the step's CPU time on this thread (OMP=1: all
+    compute; the cost of the work itself, immune to other processes on a shared machine),
+    wall_s its end_s - start_s; the rest as `report_features` reads them off the report.
 
     With `rng`, every step draws its own chunk/depth/width/budget (held-out mixes).
     """
@@ -90,10 +91,9 @@ def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: in
         out = engine.step()
         cpu = time.thread_time() - cpu0  # seconds of CPU on this thread (OMP=1: all compute)
         r = out.report
-        dtok = sum(p.verified for p in r.progress) if r.draft_steps else 0
+        f = report_features(r)
         if r.prefill_tokens + r.verify_tokens:
-            rows.append((r.prefill_tokens, r.verify_tokens, r.draft_steps, r.context_tokens, dtok,
-                         cpu, r.end_s - r.start_s))
+            rows.append((*f[:5], cpu, r.end_s - r.start_s, *f[5:]))
         accepted += [p.accepted for p in r.progress if p.verified]
     return rows, accepted
 
@@ -115,11 +115,11 @@ def repeated(run, repeats: int, rng: random.Random | None = None) -> tuple[list[
         if len(again) != len(rows):
             continue
         for i, (a, b) in enumerate(zip(rows, again)):
-            if a[:5] == b[:5]:
+            if a[:5] == b[:5] and a[7:] == b[7:]:
                 sums[i][5] += b[5]
                 sums[i][6] += b[6]
                 counts[i] += 1
-    return [tuple(r[:5]) + (r[5] / c, r[6] / c) for r, c in zip(sums, counts)], acc
+    return [tuple(r[:5]) + (r[5] / c, r[6] / c) + tuple(r[7:]) for r, c in zip(sums, counts)], acc
 
 
 def grid(size: str, spec: bool):
@@ -145,13 +145,15 @@ def conditional_acceptance(accepted: list[int], depth: int) -> list[float]:
 
 
 def seconds(rows: list[tuple], wall: bool = False) -> list[tuple]:
-    """6-column rows for CostModel.fit with CPU (default) or wall seconds."""
-    return [r[:5] + (r[6] if wall else r[5],) for r in rows]
+    """9-column rows for CostModel.fit (features, CPU (default) or wall seconds, request
+    counts)."""
+    return [r[:5] + (r[6] if wall else r[5],) + tuple(r[7:10]) for r in rows]
 
 
 def prediction_error(model: CostModel, rows: list[tuple]) -> dict:
+    """Absolute percentage errors of `model` on rows from `seconds()` (6 or 9 columns)."""
     meas = np.array([r[5] for r in rows])
-    pred = np.array([model.iteration_time(*map(int, r[:5])) for r in rows])
+    pred = np.array([model.iteration_time(*map(int, r[:5] + tuple(r[6:9]))) for r in rows])
     ape = np.abs(pred - meas) / meas
     return {"iterations": len(rows), "mape": round(float(ape.mean()), 4), "median_ape": round(float(np.median(ape)), 4),
             "p90_ape": round(float(np.quantile(ape, 0.9)), 4),
