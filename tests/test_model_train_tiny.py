@@ -79,7 +79,10 @@ def test_committed_pair_is_complete():
     for role in ("target", "draft"):
         assert train_tiny.weights_sha256(root / role) == m[role]["sha256"]
         assert Tokenizer.load(root / role).vocab_size == m["vocab_size"]
-    assert m["greedy_acceptance"]["tokens_per_verify"] > 1.5
+    # The committed draft is the distilled one; its base is kept (for `--from-pair`).
+    assert train_tiny.weights_sha256(root / "draft-base") == m["draft"]["base_sha256"]
+    assert "--distill-steps" in m["reproduce"] and "--from-pair" in m["reproduce_from_base"]
+    assert m["greedy_acceptance"]["tokens_per_verify"] > m["base_greedy_acceptance"]["tokens_per_verify"] + 1.0
     target = load_model(root / "target", dtype=torch.float32)
     draft = load_model(root / "draft", dtype=torch.float32)
     assert target.config.num_parameters > 4 * draft.config.num_parameters
