@@ -31,6 +31,11 @@ Every plan, for the iteration that starts when the running one ends (plans are p
    the decoders' deadlines allow (k chunks would wait k iterations of >= the fixed cost each,
    and an early first token banks slack for its decode); decoders already past saving do not
    hold T_lim at the floor.
+   Decode gate (decode_gate.py): a TTFT-feasible request is admitted only if the decode
+   batch with it (and with the requests being prefilled), its iteration stretched by the
+   prefill duty of the prompts arriving, stays within the tightest E_i * tpot_i: past that
+   point one more request makes every decoder late; it waits instead (best effort once its
+   TTFT is lost).
 6. Online calibration: the planner's cost model (refit) and acceptance model (per request)
    feed every plan.
 O(n log n) per plan; numpy for the per-request tree arithmetic.
@@ -38,12 +43,14 @@ O(n log n) per plan; numpy for the per-request tree arithmetic.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from protos import messages as protos
 from sidecar.policies.base import PlanContext, Policy, build_config
+from sidecar.policies.decode_gate import GateCandidate, GateLoad, admit_decodes
 from sidecar.policies.edf_admission import Job, admit_edf
 from sidecar.policies.expected_rows import ExpectedRows
 from sidecar.policies.engine_shapes import covering_budget, snap_depth, snap_width
@@ -105,6 +112,21 @@ class UnifiedConfig:
     is early, so the mean TPOT (AdaServe's attainment) holds too, not only every deadline."""
     alpha_refresh: int = 16
     """Plans between re-reads of a request's acceptance estimate (incremental state)."""
+    decode_gate: bool = True
+    """Admit a request only if the decode batch, with it and with the prefill duty of the
+    prompts arriving, still keeps pace with the tightest decoder (decode_gate.py)."""
+    gate_safety: float = 0.9
+    """Share of the tightest E_i * tpot_i the gate lets an iteration take."""
+    gate_quantile: float = 0.0
+    """Pace the gate keeps: this quantile of the SLO decoders' E_i * tpot_i (0 = the tightest;
+    0.1 lets the hardest tenth fall behind rather than hold every admission back)."""
+    gate_duty: bool = False
+    """Stretch projected iterations by the prefill duty of arriving prompts (off: measured on
+    the mixed H100 workload, the duty estimate made the gate decline far too much)."""
+    gate_output_tokens: int = 1024
+    """Output tokens assumed at most when projecting a candidate's KV reads (half are counted)."""
+    arrival_window_s: float = 5.0
+    """Time constant of the prompt-token arrival rate behind the prefill duty, seconds."""
 
     def __post_init__(self):
         if self.alpha_refresh < 1:
@@ -113,6 +135,9 @@ class UnifiedConfig:
             raise ValueError(f"slo_unified: bad config {self}")
         if self.max_iter_s <= 0 or self.decode_efficiency <= 0 or self.margin < 0:
             raise ValueError(f"slo_unified: bad config {self}")
+        if (not 0 < self.gate_safety <= 1 or self.gate_output_tokens < 0 or self.arrival_window_s <= 0
+                or not 0 <= self.gate_quantile < 1):
+            raise ValueError(f"slo_unified: bad decode-gate config {self}")
 
 
 class UnifiedPolicy(Policy):
@@ -122,17 +147,23 @@ class UnifiedPolicy(Policy):
         self.config = config or UnifiedConfig()
         self._t_running = 0.0  # predicted length of the iteration the engine runs now, seconds
         self._plans = 0
-        self.counters = {"late": 0, "declined": 0, "admitted": 0, "kv_blocked": 0}
+        self.counters = {"late": 0, "declined": 0, "admitted": 0, "kv_blocked": 0, "gated": 0}
         """Admission outcomes so far (late: TTFT already unreachable -> best effort)."""
         self._tight_ttft = (float("inf"), 0.0)  # (tightest TTFT SLO seen, when), seconds
         self._rows = ExpectedRows(self.config.alpha_refresh)  # per-request E rows, incremental
         self._dl: dict[str, tuple[int, float, int, float]] = {}  # rid -> (stage, t1, decoded, deadline)
+        self._arrivals = ArrivalRate(self.config.arrival_window_s)  # new prompt tokens / second
 
     def reset(self) -> None:
         self._t_running = 0.0
         self._tight_ttft = (float("inf"), 0.0)
         self._rows.clear()
         self._dl.clear()
+        self._arrivals = ArrivalRate(self.config.arrival_window_s)
+
+    def observe(self, msg: protos.Message) -> None:
+        if isinstance(msg, protos.RequestArrived):
+            self._arrivals.add(msg.arrival_s, max(0, msg.prompt_tokens - msg.cached_prefix_tokens))
 
     # ---- incremental per-request inputs --------------------------------------------------
 
@@ -305,6 +336,8 @@ class UnifiedPolicy(Policy):
             ok = admit_edf(jobs, start, capacity, base_load, cfg.admit_slack_s)
             feasible = [r for r, yes in zip(fresh, ok[len(slo_pre):]) if yes]
             self.counters["declined"] += len(fresh) - len(feasible)
+            if cfg.decode_gate and feasible and dm:
+                feasible = self._gate(ctx, feasible, slo_pre, exp, want, tpot, hard, nodes, steps, context, n_slo, dm)
             needs = [kv_need(r, cfg.new_token_ratio) for r in feasible]
             if cfg.kv_footprint_order and sum(needs) > kv_left:
                 # KV binds: the most requests fit when the smallest KV x time footprints go first
@@ -404,6 +437,48 @@ class UnifiedPolicy(Policy):
             spec_depth=max((e.depth for e in decode), default=0) if lim.depth_tiers else -1,
         )
 
+    def _gate(self, ctx: PlanContext, feasible, slo_pre, exp, want, tpot, hard, nodes, steps: int, context: int,
+              n_slo: int, dm: int) -> list:
+        """The TTFT-feasible newcomers the decode batch can also carry (decode_gate.py)."""
+        cfg, cost = self.config, ctx.cost
+        # Tightest pace among SLO decoders still worth saving (not seconds behind already).
+        if n_slo:
+            e_want = exp[np.arange(n_slo), want[:n_slo] - 1]
+            pace = e_want * tpot
+            alive = hard > -1.0
+            live = pace[alive]
+            if not live.size:
+                t_allow = float("inf")
+            elif cfg.gate_quantile > 0:
+                t_allow = float(np.quantile(live, cfg.gate_quantile))
+            else:
+                t_allow = float(live.min())
+            m_new = max(1, int(round(float(want[:n_slo].mean()))))
+        else:
+            t_allow, m_new = float("inf"), min(dm + 1, 4)
+        t_allow *= cfg.gate_safety
+        half = cfg.gate_output_tokens // 2
+
+        def cand(r) -> GateCandidate:
+            out = r.max_new_tokens - r.decoded
+            a = ctx.acceptance.alphas(r.rid, m_new - 1) if m_new > 1 else []
+            e, run = 1.0, 1.0
+            for x in a:
+                run *= x
+                e += run
+            return GateCandidate(m_new, r.prompt_tokens + (out // 2 if out < 2 * half else half),
+                                 cfg.gate_safety * e * r.tpot_now if cfg.gate_quantile <= 0 else float("inf"))
+
+        # Prompts being prefilled decode soon: they are part of the batch to carry.
+        pre_ctx = sum(r.prompt_tokens + min(r.max_new_tokens // 2, half) for r in slo_pre)
+        base = GateLoad(int(nodes.sum()) + m_new * len(slo_pre), len(nodes) + len(slo_pre), context + pre_ctx,
+                        max(steps, m_new - 1))
+        duty = self._arrivals.rate(ctx.now_s) * (cost.k_tok_s + cost.k_knee_s) * cost.scale if cfg.gate_duty else 0.0
+        ok = admit_decodes(cost, base, t_allow, duty, [cand(r) for r in feasible])
+        kept = [r for r, yes in zip(feasible, ok) if yes]
+        self.counters["gated"] += len(feasible) - len(kept)
+        return kept
+
     def _need(self, slack: np.ndarray, tpot: np.ndarray, t: float, exp: np.ndarray, dm: int) -> np.ndarray:
         """A_i: expected tokens request i must commit in an iteration ending t after start."""
         a = 1.0 + (t - slack) / tpot + self.config.margin
@@ -420,6 +495,28 @@ class UnifiedPolicy(Policy):
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()) if t_ok.size else t_cap))
+
+
+class ArrivalRate:
+    """Exponentially decayed rate of prompt tokens arriving (new, not prefix-cached), tokens/s."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._level = 0.0  # decayed token count
+        self._t = 0.0
+
+    def add(self, t: float, tokens: int) -> None:
+        self._decay(t)
+        self._level += tokens
+
+    def rate(self, t: float) -> float:
+        self._decay(t)
+        return self._level / self.window_s
+
+    def _decay(self, t: float) -> None:
+        if t > self._t:
+            self._level *= math.exp(-(t - self._t) / self.window_s)
+            self._t = t
 
 
 def _kv_footprint(r) -> float:

@@ -1,0 +1,70 @@
+"""Decode-capacity admission: admit only the requests whose decode the batch can carry.
+
+TTFT feasibility (edf_admission.py) says whether a prompt can be prefilled in time; it does
+not say whether the batch can then keep every decoder on its TPOT. A batch of decoders is on
+pace when one iteration is no longer than the tightest E_i * tpot_i (request i commits E_i
+expected tokens per iteration and must average one token per tpot_i). Each admitted request
+makes every iteration longer (its verify tokens and its KV reads), and the prompts still to
+come take a share of the GPU's time (the prefill duty). Past the point where the batch no
+longer keeps pace, admitting one more request makes *every* decoder late; declining it (it
+waits, and runs best effort once its TTFT is lost) keeps the rest on their SLOs.
+
+Pure: a cost model and numbers in, which candidates fit out. O(candidates) cost-model calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class GateLoad:
+    """The decode batch the gate adds candidates to."""
+
+    nodes: int
+    """Verify tokens per iteration (roots included)."""
+    seqs: int
+    """Decoding requests."""
+    context: int
+    """KV tokens the decoders read per iteration."""
+    steps: int
+    """Draft steps per iteration."""
+
+
+@dataclass(frozen=True, slots=True)
+class GateCandidate:
+    nodes: int
+    """Verify tokens per iteration it will add once decoding."""
+    context: int
+    """KV tokens it will add (prompt + about half its output), tokens."""
+    pace_s: float
+    """Its own E * tpot: the longest iteration it tolerates, seconds."""
+
+
+def pace_limit(iteration_s: float, duty: float) -> float:
+    """Wall time per decode iteration when `duty` of the GPU goes to prefill (0 <= duty < 1)."""
+    return iteration_s / (1.0 - duty) if duty < 0.95 else iteration_s * 20.0
+
+
+def admit_decodes(cost, load: GateLoad, t_allow_s: float, duty: float,
+                  candidates: Sequence[GateCandidate]) -> list[bool]:
+    """Which candidates (in the given order) keep the projected iteration, stretched by the
+    prefill duty, within the tightest pace of the batch and of the candidates admitted so far
+    (t_allow_s: the current decoders' tightest E_i * tpot_i, already with any safety share).
+    A candidate that does not fit is skipped; a later, smaller one may still fit."""
+    nodes, seqs, ctx = load.nodes, load.seqs, load.context
+    limit = t_allow_s
+    out = []
+    for c in candidates:
+        lim_c = limit if limit < c.pace_s else c.pace_s
+        n, s, x = nodes + c.nodes, seqs + 1, ctx + c.context
+        t = pace_limit(cost.iteration_time(0, n, load.steps, x, n - s), duty)
+        ok = t <= lim_c
+        out.append(ok)
+        if ok:
+            nodes, seqs, ctx, limit = n, s, x, lim_c
+    return out
+
+
+__all__ = ["GateCandidate", "GateLoad", "admit_decodes", "pace_limit"]
