@@ -456,6 +456,24 @@ def test_iteration_report_of_a_mixed_forward_counts_decode_rows_as_decode():
     assert [(p.rid, p.prefill_tokens) for p in rep.progress] == [("a", 30), ("d", 0)]
 
 
+def test_reported_free_kv_counts_what_the_prefix_cache_can_evict():
+    """A finished request's KV stays in SGLang's radix cache until needed; it is still free to admit."""
+    from array import array
+
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from sglang_slo.sglang_plugin.scheduler_state import kv_free_tokens
+
+    alloc, cache = kv_and_cache(1000)
+    slots = alloc.alloc(300)  # a finished request's 300 tokens, handed to the cache
+    cache.insert(InsertParams(key=RadixKey(array("q", range(300))), value=slots))
+    sched = scheduler_shell()
+    sched.token_to_kv_pool_allocator, sched.tree_cache = alloc, cache
+    assert alloc.available_size() == 700 and cache.evictable_size() == 300
+    assert kv_free_tokens(sched) == 1000
+
+
 # ------------------------------------------------------------------ speculation depth
 
 

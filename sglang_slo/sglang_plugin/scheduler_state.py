@@ -214,7 +214,7 @@ class SloSchedulerState:
             step=self.step,
             plan_step=plan_step,
             end_s=end_s,
-            kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
+            kv_free_tokens=kv_free_tokens(sched),
             waiting=len(sched.waiting_queue),
             spec_depth=depth,
         )
@@ -347,7 +347,7 @@ class SloSchedulerState:
             now_s=now,
             step=self.step,
             requests=snaps,
-            kv_free_tokens=int(sched.token_to_kv_pool_allocator.available_size()),
+            kv_free_tokens=kv_free_tokens(sched),
         )
 
 
@@ -355,6 +355,18 @@ def _mode(batch) -> str:
     """'prefill', 'mixed' (prefill with decoders riding along) or 'decode'."""
     fm = batch.forward_mode
     return "mixed" if fm.is_mixed() else "prefill" if fm.is_extend() else "decode"
+
+
+def kv_free_tokens(sched) -> int:
+    """KV tokens a new request can still get: free slots plus the radix cache's evictable ones.
+
+    SGLang keeps finished requests' KV in its prefix cache and evicts it only on demand, so the
+    allocator's free count alone sinks towards 0 after a few thousand tokens of traffic while
+    SGLang still admits freely (its PrefillAdder counts available + evictable too).
+    """
+    free = int(sched.token_to_kv_pool_allocator.available_size())
+    cache = getattr(sched, "tree_cache", None)
+    return free + (int(cache.evictable_size()) if cache is not None else 0)
 
 
 def _open_log(path: str | None):
