@@ -124,3 +124,40 @@ def test_sampling_with_speculation_preserves_the_target_distribution():
     assert observed[~keep].sum() <= max(10, 3 * expected[~keep].sum())
     chi2 = stats.chisquare(observed[keep], expected[keep] / expected[keep].sum() * observed[keep].sum())
     assert chi2.pvalue > 1e-3, chi2
+
+
+def test_chain_fast_path_equals_general_beam_search(pair):
+    """Drafter's width-1 fast path (slot table sliced per step) builds the same chains, with
+    the same draft log-probs, as the general tree path (`build_trees` over `_tree_step`)."""
+    from sglang_slo.spec.tree import build_trees
+
+    target, draft = pair
+    eng = make_engine(target, draft)
+    prompts = random_prompts(5, seed=7)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"c{i}", p, SamplingParams(max_new_tokens=50, ignore_eos=True), protos.Slo(1.0, 1.0))
+    while any(not r.output_ids for r in eng.requests.values()):
+        eng.step()
+    reqs = list(eng.requests.values())
+    depths = [1, 3, 6, 2, 5]
+    for r in reqs:
+        assert eng.tables.grow(r.rid, r.num_tokens + 8, r.num_tokens + 8)
+    drafter = eng.runner.drafter
+    computed = [r.num_draft_computed for r in reqs]
+    fast, steps, _, _ = drafter._build_chains(reqs, depths)
+    for r, c in zip(reqs, computed):
+        r.num_draft_computed = c
+
+    def draft_step(f):
+        if f.step == 0:
+            return drafter._catch_up([reqs[i] for i in f.request.tolist()])[0]
+        return drafter._tree_step(reqs, f)[0]
+
+    general = build_trees(draft_step, torch.tensor([r.output_ids[-1] for r in reqs]), depths, [1] * 5)
+    assert steps == max(depths)
+    for a, b, d in zip(fast, general, depths):
+        assert a.num_nodes == b.num_nodes == d + 1
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+        assert torch.allclose(a.draft_logprob.double(), b.draft_logprob.double(), atol=1e-6)
+        assert a.host().tokens == a.tokens.tolist() and a.host().path_logprob == pytest.approx(
+            a.path_logprob.tolist())

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if draft is not None and args.depth > 0:
         configs["spec"] = (draft, args.depth, args.width, args.tree_cap)
         if args.sweep:
-            for d, w in [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2)]:
+            for d, w in [(2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (8, 1), (3, 2), (4, 2)]:
                 configs[f"d{d}w{w}"] = (draft, d, w, 0)
     runs: dict[str, list[dict]] = {k: [] for k in configs}
     for _ in range(max(1, args.repeats)):

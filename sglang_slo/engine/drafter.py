@@ -16,6 +16,7 @@ express (its context is all-visible), so tree steps build their attention group 
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -26,7 +27,7 @@ from sglang_slo.engine.block_tables import BlockTables
 from sglang_slo.engine.kv_cache import KVCache
 from sglang_slo.engine.model import LlamaForCausalLM
 from sglang_slo.engine.request import Request
-from sglang_slo.spec.tree import DraftTree, Frontier, build_trees
+from sglang_slo.spec.tree import DraftTree, Frontier, HostTree, build_trees
 
 
 class Drafter:
@@ -80,36 +81,39 @@ class Drafter:
         if max(depths) > 1:
             slots = position_slots([self.tables.table(r.rid, draft=True) for r in reqs],
                                    max(c + d - 1 for c, d in zip(ctx0, depths)), self.block_size, self.device)
-        toks = torch.zeros(n, max(depths), dtype=torch.long)    # [n, depth] chain tokens
-        lps = torch.zeros(n, max(depths))                        # [n, depth] their draft log-probs
-        active = torch.arange(n)
+        toks: list[list[int]] = [[] for _ in reqs]   # chain tokens per request
+        lps: list[list[float]] = [[] for _ in reqs]  # their draft log-probs
+        active = list(range(n))
         best, arg = logp.max(dim=-1)                             # [n]
         for step in range(1, max(depths) + 1):
-            toks[active, step - 1] = arg.cpu()
-            lps[active, step - 1] = best.cpu()
-            keep = [j for j, i in enumerate(active.tolist()) if depths[i] > step]
+            for i, t, lp in zip(active, arg.tolist(), best.tolist()):
+                toks[i].append(t)
+                lps[i].append(lp)
+            keep = [j for j, i in enumerate(active) if depths[i] > step]
             if not keep:
                 break
             if len(keep) < len(active):
-                idx = torch.tensor(keep)
-                active, arg = active[idx], arg[idx.to(arg.device)]
-            ids = active.tolist()
-            batch = decode_step_batch(slots[active.to(self.device)], [ctx0[i] + step - 1 for i in ids])
+                active = [active[j] for j in keep]
+                arg = arg[torch.tensor(keep, device=arg.device)]
+                slots = slots[torch.tensor(keep, device=slots.device)]
+            batch = decode_step_batch(slots, [ctx0[i] + step - 1 for i in active])
             t = time.perf_counter()
             hidden = self.model.forward(arg.to(self.device), batch.positions, batch, self.kv)
             logits = self.model.logits(hidden)                   # [len(active), vocab]
             best, arg = logits.max(dim=-1)
             best = best - torch.logsumexp(logits, dim=-1)        # log-prob of the argmax
             model_s += time.perf_counter() - t
-            fed += len(ids)
+            fed += len(active)
             steps += 1
         trees = []
         for i, r in enumerate(reqs):
             d = depths[i]
-            dlp = torch.cat([torch.zeros(1), lps[i, :d]])
-            trees.append(DraftTree(tokens=torch.cat([torch.tensor([r.output_ids[-1]]), toks[i, :d]]),
-                                   parents=torch.arange(-1, d), depth=torch.arange(d + 1),
-                                   draft_logprob=dlp, path_logprob=dlp.cumsum(0)))
+            tok, dlp = [r.output_ids[-1]] + toks[i], [0.0] + lps[i]
+            plp = list(itertools.accumulate(dlp))
+            trees.append(DraftTree(tokens=torch.tensor(tok), parents=torch.arange(-1, d),
+                                   depth=torch.arange(d + 1), draft_logprob=torch.tensor(dlp),
+                                   path_logprob=torch.tensor(plp),
+                                   _host=HostTree(tok, list(range(-1, d)), list(range(d + 1)), dlp, plp)))
         return trees, steps, fed, model_s
 
     @torch.inference_mode()

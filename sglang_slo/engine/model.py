@@ -64,7 +64,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables `[max_positions, head_dim / 2]` (float32, not saved)."""
+    """Precomputed tables `[max_positions, head_dim]` (float32, not saved): cos repeated for
+    both halves, and sin with the first half negated, so rotating is x * cos + swap(x) * sin
+    (4 ops instead of 8; bitwise the same as HF's x * cos + rotate_half(x) * sin)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -73,20 +75,22 @@ class RotaryEmbedding(nn.Module):
     def build_tables(self, cfg: ModelConfig, device: str | torch.device | None = None) -> None:
         """(Re)compute the tables, e.g. after the module was created on the meta device."""
         t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, rope_inv_freq(cfg).to(t.device))
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        freqs = torch.outer(t, rope_inv_freq(cfg).to(t.device))  # [positions, head_dim/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), -1), persistent=False)   # [P, head_dim]
+        self.register_buffer("sin", torch.cat((-sin, sin), -1), persistent=False)  # [P, head_dim]
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions `[...]` -> `[..., 1, head_dim/2]` (once per forward)."""
+        """cos, signed sin for positions `[...]` -> `[..., 1, head_dim]` (once per forward)."""
         return (self.cos[positions].unsqueeze(-2).to(dtype),
                 self.sin[positions].unsqueeze(-2).to(dtype))
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x `[..., heads, head_dim]` by tables from `tables()`."""
-        x1, x2 = x.chunk(2, dim=-1)  # HF "rotate_half" layout
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """Rotate x `[..., heads, head_dim]` by tables from `tables()` (HF "rotate_half"
+        layout: out = [x1 cos - x2 sin, x2 cos + x1 sin])."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
