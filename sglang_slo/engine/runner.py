@@ -113,7 +113,9 @@ class ModelRunner:
             out.context_tokens += r.num_computed + p.num_tokens
         for v in verifies:
             r, n = v.work.req, len(v.tokens)
-            mask = ancestor_mask(v.tree) if v.tree is not None and n > 1 else None
+            # A chain's ancestor mask is the causal one: let the batch builder use its causal path.
+            chain = v.tree is None or v.tree.host().parents == list(range(-1, n - 1))
+            mask = None if chain else ancestor_mask(v.tree)
             seqs.append(SequenceInput(self.tables.table(r.rid), r.num_computed, n, tree_mask=mask))
             rows += range(len(ids), len(ids) + n)
             ids += v.tokens
