@@ -204,10 +204,18 @@ class CostModel:
         measured = report.end_s - report.start_s
         if report.forward_s > 0 and not measured > 0:
             measured = report.forward_s
+        self.observe_features(report_features(report), measured, defer_refit)
+
+    def observe_features(self, features: Sequence[float], measured: float, defer_refit: bool = False) -> None:
+        """`observe` from `iteration_time`'s arguments (`report_features` order) and the
+        measured seconds; ignored unless `measured` is positive and finite."""
         if not (measured > 0 and math.isfinite(measured)):
             return
-        feats = report_features(report)
-        row = (*feats[:5], measured, *feats[5:])
+        feats = tuple(features)
+        if len(feats) < 8:  # counts not given: the same estimates iteration_time uses
+            feats = (*(tuple(feats) + (0,) * 5)[:5], *estimate_requests(feats[0], feats[1], feats[2],
+                                                                      feats[4] if len(feats) > 4 else 0), 0)
+        row = (*feats[:5], measured, *feats[5:8])
         base = self.iteration_time(*feats) / self.scale
         if base > 0:
             # Clip around the current scale: one stall must not swing it, yet a profile that
