@@ -236,6 +236,8 @@ class SloSchedulerState:
             "plan_budget": plan.token_budget if plan is not None else None,
             "plan_spec_depth": plan.spec_depth if plan is not None else None,
             "draft_steps": report.draft_steps,
+            "kv_free": report.kv_free_tokens,
+            "kv_unused": int(self.scheduler.token_to_kv_pool_allocator.available_size()),  # without evictable
             "link_up": bool(self.link and self.link.up),
         }
         self._report_log.write(json.dumps(line) + "\n")
