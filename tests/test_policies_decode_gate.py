@@ -78,3 +78,25 @@ def test_unified_gate_declines_admissions_the_decode_batch_cannot_carry():
 def test_unified_gate_config_is_checked():
     with pytest.raises(ValueError, match="decode-gate"):
         make_policy("slo_unified", gate_safety=0.0)
+
+
+def test_unified_gate_lets_later_calls_of_an_admitted_agent_session_through():
+    profile, acc = PROFILE, AcceptanceModel(PROFILE.acceptance_priors)
+    policy = make_policy("slo_unified")
+
+    def call(st, rid, session):  # a later TTFT deadline than the w* requests: last in EDF order
+        st.add(protos.RequestArrived(rid, 200, 300, protos.Slo(5.0, 0.03, slo_class="tool-call"), st.now_s,
+                                     session_id=session))
+
+    light = _with_waiting(profile, 10, 0)
+    call(light, "s1-c0", "s1")
+    plan = policy.plan(PlanContext(light, profile.cost, acc, light.now_s, step=1))
+    assert ("s1-c0", protos.Decision.ADMIT) in [(d.rid, d.decision) for d in plan.decisions]
+    heavy = _with_waiting(profile, 500, 60)  # the gate binds: most w* are declined
+    call(heavy, "s1-c1", "s1")
+    call(heavy, "s2-c0", "s2")
+    plan = policy.plan(PlanContext(heavy, profile.cost, acc, heavy.now_s, step=2))
+    check_plan_invariants(heavy, plan)
+    admitted = {d.rid for d in plan.decisions if d.decision == protos.Decision.ADMIT}
+    assert len([r for r in admitted if r.startswith("w")]) < 60
+    assert "s1-c1" in admitted and "s2-c0" not in admitted

@@ -123,6 +123,13 @@ class UnifiedConfig:
     gate_duty: bool = False
     """Stretch projected iterations by the prefill duty of arriving prompts (off: measured on
     the mixed H100 workload, the duty estimate made the gate decline far too much)."""
+    gate_shortest_first: bool = False
+    """When the gate binds, offer it the newcomers with the fewest max_new_tokens first (a short
+    request holds its place in the batch briefly); off: EDF order, which measured slightly
+    better on the mixed H100 workload (0.861 vs 0.853 attainment at 27 req/s, seeds 0-1)."""
+    gate_sessions: bool = False
+    """Gate agent-session calls too (off: a later call of an admitted session skips the gate:
+    declining it loses the session's investment and, while it waits, its cached context)."""
     gate_output_tokens: int = 1024
     """Output tokens assumed at most when projecting a candidate's KV reads (half are counted)."""
     arrival_window_s: float = 5.0
@@ -153,6 +160,7 @@ class UnifiedPolicy(Policy):
         self._rows = ExpectedRows(self.config.alpha_refresh)  # per-request E rows, incremental
         self._dl: dict[str, tuple[int, float, int, float]] = {}  # rid -> (stage, t1, decoded, deadline)
         self._arrivals = ArrivalRate(self.config.arrival_window_s)  # new prompt tokens / second
+        self._sessions: set[str] = set()  # agent sessions with an admitted call (gate exemption)
 
     def reset(self) -> None:
         self._t_running = 0.0
@@ -160,10 +168,13 @@ class UnifiedPolicy(Policy):
         self._rows.clear()
         self._dl.clear()
         self._arrivals = ArrivalRate(self.config.arrival_window_s)
+        self._sessions.clear()
 
     def observe(self, msg: protos.Message) -> None:
         if isinstance(msg, protos.RequestArrived):
             self._arrivals.add(msg.arrival_s, max(0, msg.prompt_tokens - msg.cached_prefix_tokens))
+            if len(self._sessions) > 65536:  # bounded: old sessions forget their exemption
+                self._sessions.clear()
 
     # ---- incremental per-request inputs --------------------------------------------------
 
@@ -352,6 +363,8 @@ class UnifiedPolicy(Policy):
                     kv_left -= need_kv
                     free_now -= need_kv
                     admitted_now.append(r)
+                    if r.session_id:
+                        self._sessions.add(r.session_id)
                     decisions.append(protos.AdmissionDecision(r.rid, _ADMIT))
                     self.counters["admitted"] += 1
                 else:
@@ -474,8 +487,17 @@ class UnifiedPolicy(Policy):
         base = GateLoad(int(nodes.sum()) + m_new * len(slo_pre), len(nodes) + len(slo_pre), context + pre_ctx,
                         max(steps, m_new - 1))
         duty = self._arrivals.rate(ctx.now_s) * (cost.k_tok_s + cost.k_knee_s) * cost.scale if cfg.gate_duty else 0.0
-        ok = admit_decodes(cost, base, t_allow, duty, [cand(r) for r in feasible])
-        kept = [r for r, yes in zip(feasible, ok) if yes]
+        order = sorted(feasible, key=lambda r: r.max_new_tokens) if cfg.gate_shortest_first else feasible
+        seen = self._sessions
+        exempt = [] if cfg.gate_sessions else [r for r in order if r.session_id in seen]
+        if exempt:  # they join the batch first; the gate shares what is left among the rest
+            ex = [cand(r) for r in exempt]
+            base = GateLoad(base.nodes + sum(c.nodes for c in ex), base.seqs + len(ex),
+                            base.context + sum(c.context for c in ex), base.steps)
+            order = [r for r in order if r.session_id not in seen]
+        ok = admit_decodes(cost, base, t_allow, duty, [cand(r) for r in order])
+        passed = {r.rid for r, yes in zip(order, ok) if yes} | {r.rid for r in exempt}
+        kept = [r for r in feasible if r.rid in passed]
         self.counters["gated"] += len(feasible) - len(kept)
         return kept
 
