@@ -143,21 +143,27 @@ def test_chain_fast_path_equals_general_beam_search(pair):
     for r in reqs:
         assert eng.tables.grow(r.rid, r.num_tokens + 8, r.num_tokens + 8)
     drafter = eng.runner.drafter
-    computed = [r.num_draft_computed for r in reqs]
-    fast, steps, _, _ = drafter._build_chains(reqs, depths)
-    for r, c in zip(reqs, computed):
-        r.num_draft_computed = c
 
     def draft_step(f):
         if f.step == 0:
             return drafter._catch_up([reqs[i] for i in f.request.tolist()])[0]
         return drafter._tree_step(reqs, f)[0]
 
-    general = build_trees(draft_step, torch.tensor([r.output_ids[-1] for r in reqs]), depths, [1] * 5)
-    assert steps == max(depths)
-    for a, b, d in zip(fast, general, depths):
-        assert a.num_nodes == b.num_nodes == d + 1
-        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
-        assert torch.allclose(a.draft_logprob.double(), b.draft_logprob.double(), atol=1e-6)
-        assert a.host().tokens == a.tokens.tolist() and a.host().path_logprob == pytest.approx(
-            a.path_logprob.tolist())
+    # First with a lagging draft cache (catch-up of several tokens), then with only the root
+    # missing (the chain path's decode-step catch-up).
+    for lag in ("lagging", "root only"):
+        for r in reqs:  # re-feeding tokens the draft cache has rewrites the same K/V
+            r.num_draft_computed = r.num_tokens - 1 if lag == "root only" else max(0, r.num_tokens - 3)
+        computed = [r.num_draft_computed for r in reqs]
+        assert (lag == "root only") == all(c == r.num_tokens - 1 for c, r in zip(computed, reqs))
+        fast, steps, _, _ = drafter._build_chains(reqs, depths)
+        for r, c in zip(reqs, computed):
+            r.num_draft_computed = c
+        general = build_trees(draft_step, torch.tensor([r.output_ids[-1] for r in reqs]), depths, [1] * 5)
+        assert steps == max(depths)
+        for a, b, d in zip(fast, general, depths):
+            assert a.num_nodes == b.num_nodes == d + 1
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+            assert torch.allclose(a.draft_logprob.double(), b.draft_logprob.double(), atol=1e-6)
+            assert a.host().tokens == a.tokens.tolist() and a.host().path_logprob == pytest.approx(
+                a.path_logprob.tolist())

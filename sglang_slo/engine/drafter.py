@@ -73,18 +73,29 @@ class Drafter:
         v sits at draft position N + v - 1 = its RoPE position, so every step is a plain
         causal decode step whose metadata is sliced from one slot table built up front.
         Same trees as `build_trees(..., width=1)`."""
-        logp, fed = self._catch_up(reqs)
-        model_s, steps = self._model_s, 1
         n = len(reqs)
         ctx0 = [r.num_tokens for r in reqs]  # committed tokens; node 1 goes to position N
-        slots = None
-        if max(depths) > 1:
-            slots = position_slots([self.tables.table(r.rid, draft=True) for r in reqs],
-                                   max(c + d - 1 for c, d in zip(ctx0, depths)), self.block_size, self.device)
+        slots = position_slots([self.tables.table(r.rid, draft=True) for r in reqs],
+                               max(c + d - 1 for c, d in zip(ctx0, depths)), self.block_size, self.device)
+        if all(r.num_draft_computed == c - 1 for r, c in zip(reqs, ctx0)):
+            # Usual case: only the root is missing from the draft cache -> a plain decode step.
+            t = time.perf_counter()
+            batch = decode_step_batch(slots, [c - 1 for c in ctx0])
+            ids = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long, device=self.device)
+            logits = self.model.logits(self.model.forward(ids, batch.positions, batch, self.kv))
+            model_s, fed = time.perf_counter() - t, n
+            for r, c in zip(reqs, ctx0):
+                r.num_draft_computed = c
+            best, arg = logits.max(dim=-1)                       # [n]
+            best = best - torch.logsumexp(logits, dim=-1)        # log-prob of the argmax
+        else:
+            logp, fed = self._catch_up(reqs)
+            model_s = self._model_s
+            best, arg = logp.max(dim=-1)                         # [n]
+        steps = 1
         toks: list[list[int]] = [[] for _ in reqs]   # chain tokens per request
         lps: list[list[float]] = [[] for _ in reqs]  # their draft log-probs
         active = list(range(n))
-        best, arg = logp.max(dim=-1)                             # [n]
         for step in range(1, max(depths) + 1):
             for i, t, lp in zip(active, arg.tolist(), best.tolist()):
                 toks[i].append(t)
