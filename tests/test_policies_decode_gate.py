@@ -82,7 +82,7 @@ def test_unified_gate_config_is_checked():
 
 def test_unified_gate_lets_later_calls_of_an_admitted_agent_session_through():
     profile, acc = PROFILE, AcceptanceModel(PROFILE.acceptance_priors)
-    policy = make_policy("slo_unified")
+    policy = make_policy("slo_unified", gate_sessions=False)
 
     def call(st, rid, session):  # a later TTFT deadline than the w* requests: last in EDF order
         st.add(protos.RequestArrived(rid, 200, 300, protos.Slo(5.0, 0.03, slo_class="tool-call"), st.now_s,
