@@ -8,7 +8,7 @@ import sys
 import time
 
 DEFAULT_HARDWARE = "configs/hardware/h100-llama3.1-8b-eagle3.yaml"
-ALL_POLICIES = "fcfs,priority,specserve,adaserve,slos_serve,slo_unified"
+ALL_POLICIES = "fcfs,fcfs_mixed,priority,specserve,adaserve,slos_serve,slo_unified"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
