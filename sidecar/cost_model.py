@@ -78,6 +78,7 @@ class EngineLimits:
 # Names of the coefficients, in feature order (knee_tokens is not a linear coefficient).
 COEFS = ("base_s", "k_tok_s", "k_knee_s", "k_ctx_s", "k_pf2_s", "d_step_s", "k_dtok_s", "k_ver_s",
          "k_req_s", "k_spec_s", "k_tree_s")
+_REQUEST_COEFS = ("k_req_s", "k_spec_s", "k_tree_s")  # need request counts (9-column rows)
 
 
 @dataclass
@@ -239,8 +240,10 @@ class CostModel:
         rows = np.asarray(self._samples, dtype=np.float64)
         if len(rows) < 32 or np.ptp(rows[:, 0] + rows[:, 1]) <= 0:
             return  # not enough spread in batch size to identify slopes
+        # A model without per-request terms (e.g. a GPU profile) stays without them online.
+        fixed = {} if any(getattr(self, k) for k in _REQUEST_COEFS) else {k: 0.0 for k in _REQUEST_COEFS}
         try:
-            new = CostModel.fit(rows, knee_grid=_knee_grid(rows, self.knee_tokens))
+            new = CostModel.fit(rows, knee_grid=_knee_grid(rows, self.knee_tokens), fixed=fixed)
         except ValueError:
             return
         if _rmse(new, rows) < _rmse(self, rows):
@@ -275,7 +278,7 @@ class CostModel:
             raise ValueError("fit samples must be finite and non-negative")
         fixed = dict(fixed or {})
         if rows.shape[1] == 6:  # per-request terms are not observed: keep the classic model
-            for name in ("k_req_s", "k_spec_s", "k_tree_s"):
+            for name in _REQUEST_COEFS:
                 fixed.setdefault(name, 0.0)
         if "k_ver_s" not in fixed and (not np.any(rows[:, 0] > 0) or not np.any(rows[:, 1] > 0)):
             fixed["k_ver_s"] = 0.0  # verify premium needs both prefill and verify samples

@@ -269,3 +269,12 @@ def test_report_features_reads_requests_off_the_report():
     model.observe(rep)  # scale moves toward measured / predicted with the same features
     ratio = 0.01 / PER_REQ.iteration_time(10, 12, 3, 900, 9, 4, 2, 6)
     assert model.scale == pytest.approx(0.95 + 0.05 * min(4.0, max(0.25, ratio)))
+
+
+def test_online_refit_adds_request_terms_only_to_models_that_have_them():
+    rows = _request_rows(PER_REQ, 200, seed=3)
+    for start, expect_terms in ((TRUE, False), (PER_REQ, True)):
+        model = CostModel(**start.coefficients(), refit_every=64, window=256)
+        for r in rows:
+            model.observe_features((*r[:5], *r[6:]), r[5] * 1.3)  # a slower machine
+        assert (model.k_req_s > 0) == expect_terms
