@@ -100,11 +100,11 @@ class FcfsPolicy(Policy):
         for r in running:
             if r.prefilled >= r.prompt_tokens:
                 n_decode += 1
-        budget = max(lim.max_batch_tokens, n_decode)
+        cap = lim.max_batch_tokens
         # Prefill first: the in-flight chunked request(s), then admissions, up to one chunk.
         # Mixed chunk: every decoding request's root comes out of the chunk budget (SGLang's
         # PrefillAdder `mixed_with_decode_tokens`).
-        left = min(cfg.chunk_size, budget) - (n_decode if cfg.mixed_chunk else 0)
+        left = min(cfg.chunk_size, cap) - (n_decode if cfg.mixed_chunk else 0)
         chunks: dict[str, int] = {}  # rid -> tokens, in service order
         for r in running:
             if left <= 0:
@@ -156,7 +156,7 @@ class FcfsPolicy(Policy):
         return protos.Plan(
             step=ctx.step,
             valid_until_s=0.0,
-            token_budget=budget,
+            token_budget=max(cap, len(decode)),  # a root per decode entry even past the cap
             prefill=[protos.PrefillChunk(rid, n) for rid, n in chunks.items()],
             decode=decode,
             decisions=decisions,
