@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rt-iters", type=int, default=2000, help="round trips to time")
     p.add_argument("--rt-requests", default="64,1024", help="active request counts for the round-trip test")
     p.add_argument("--rt-policy", default="fcfs", help="policy of the round-trip sidecar")
+    p.add_argument("--rt-gap-ms", type=float, default=0.0,
+                   help="pause between a plan and the next report, ms (an engine sends one report per "
+                        "iteration; 0 = back to back, so the sidecar's post-send upkeep lands in the next round trip)")
     p.add_argument("--no-roundtrip", action="store_true", help="skip the subprocess round-trip test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -117,7 +120,9 @@ def bench_sidecar_work(hardware: str, policy: str, n_requests: int, iters: int, 
     return _ms(work)
 
 
-def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int) -> dict:
+def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int, gap_s: float = 0.0) -> dict:
+    """Engine-side round trip (send a report, receive its plan) to a real sidecar process.
+    gap_s: untimed pause between a plan and the next report (an engine iteration)."""
     endpoint = ipc_endpoint("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -160,9 +165,12 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
                 rtt.append(dt)
                 planner_s.append(plan.plan_latency_s)
             report = next_report(report, plan)
+            if gap_s > 0:
+                time.sleep(gap_s)
         return {
             "policy": policy,
             "active_requests": n_requests,
+            "gap_ms": gap_s * 1e3,
             "roundtrip": _ms(rtt),
             "plan_inside": _ms(planner_s),
             "report_bytes": len(protos.encode(report)),
@@ -178,6 +186,9 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rt_gap_ms < 0:
+        print("bench-planner: --rt-gap-ms must be >= 0", file=sys.stderr)
+        return 2
     wanted = [p for p in args.policies.split(",") if p] or policy_names()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     # The host's load average: on a shared machine p99s measure the neighbours too.
@@ -202,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         out["zmq_roundtrip"] = {}
         for n in (int(x) for x in args.rt_requests.split(",") if x):
             iters = max(100, args.rt_iters * 64 // max(n, 64))
-            r = out["zmq_roundtrip"][str(n)] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed)
+            r = out["zmq_roundtrip"][str(n)] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed,
+                                                               args.rt_gap_ms / 1e3)
             r["sidecar_work_inprocess"] = bench_sidecar_work(args.hardware, args.rt_policy, n, iters, args.seed)
             if not args.json:
                 rt = r["roundtrip"]

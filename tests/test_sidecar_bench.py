@@ -1,0 +1,24 @@
+"""bench-planner's round trip: a real sidecar process over ipc://, with an engine-like pause."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sidecar import bench
+
+H100 = str(Path(__file__).resolve().parents[1] / "configs/hardware/h100-llama3.1-8b-eagle3.yaml")
+
+
+def test_roundtrip_with_a_gap_times_every_plan():
+    r = bench.bench_roundtrip(H100, "fcfs", 16, iters=30, seed=0, gap_s=0.002)
+    assert r["gap_ms"] == 2.0 and r["roundtrip"]["n"] == 30 and r["plan_inside"]["n"] == 30
+    assert 0 < r["roundtrip"]["p50_ms"] and r["plan_inside"]["p50_ms"] <= r["roundtrip"]["max_ms"]
+    assert r["report_bytes"] > 0 and r["plan_bytes"] > 0
+
+
+def test_negative_gap_is_a_clear_error(capsys):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["--rt-gap-ms", "-1", "--sizes", ""])) == 2
+    assert "--rt-gap-ms must be >= 0" in capsys.readouterr().err
