@@ -58,16 +58,16 @@ class ExpectedRows:
         if len(self._free) < n:
             self._grow(len(self._rid) + n)
         slot_of, rid_of, free, stamp = self._slot, self._rid, self._free, self._stamp
-        slots = [0] * n
         new = []
-        for i, rid in enumerate(rids):
-            s = slot_of.get(rid)
-            if s is None:
-                s = slot_of[rid] = free.pop()
-                rid_of[s] = rid
-                new.append(s)
-            slots[i] = s
-        idx = np.fromiter(slots, dtype=np.int64, count=n)
+        try:  # common case: every rid already has a slot (one C-level pass)
+            idx = np.fromiter(map(slot_of.__getitem__, rids), dtype=np.int64, count=n)
+        except KeyError:  # newcomers take free slots, in rid order
+            for rid in rids:
+                if rid not in slot_of:
+                    s = slot_of[rid] = free.pop()
+                    rid_of[s] = rid
+                    new.append(s)
+            idx = np.fromiter(map(slot_of.__getitem__, rids), dtype=np.int64, count=n)
         fresh = np.asarray(new, dtype=np.int64)
         if new:
             stamp[fresh] = plan_no - self.refresh  # due now
