@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 Decision = protos.Decision
 _rid_of = attrgetter("rid")
 _cap_of = attrgetter("tree_cap")
+_depth_of = attrgetter("depth")
+_tokens_of = attrgetter("tokens")
 
 
 class Planner:
@@ -286,14 +288,9 @@ class Planner:
 
     def _horizon_s(self, plan: protos.Plan) -> float:
         """Validity horizon: `horizon_iters` predicted iterations of this plan (one pass)."""
-        verify = steps = 0
-        for e in plan.decode:
-            verify += e.tree_cap
-            if e.depth > steps:
-                steps = e.depth
-        prefill = 0
-        for c in plan.prefill:
-            prefill += c.tokens
+        verify = sum(map(_cap_of, plan.decode))
+        steps = max(0, max(map(_depth_of, plan.decode), default=0))
+        prefill = sum(map(_tokens_of, plan.prefill))
         rep = self.state.last_report
         ctx_tokens = rep.context_tokens if rep is not None else 0  # last measured; close enough here
         t_iter = self.cost.iteration_time(prefill, min(verify, plan.token_budget), steps, ctx_tokens, verify - len(plan.decode))

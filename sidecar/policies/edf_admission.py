@@ -11,12 +11,10 @@ starts when its prefill ends). O(n log n).
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):  # a tuple: ~3x cheaper to build than a frozen dataclass (1000s per plan)
     deadline_s: float
     """TTFT deadline, seconds."""
     tokens: int

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from sidecar.cost_model import CostModel, EngineLimits
+
+_cap_of = attrgetter("tree_cap")
+_tokens_of = attrgetter("tokens")
 
 
 def snap_depth(depth: int, limits: EngineLimits, spec_enabled: bool = True) -> int:
@@ -36,9 +41,11 @@ def covering_budget(budget: int, decode: list, prefill: list, max_batch_tokens: 
     trailing chunks shrink first, then the largest trees (entries and chunks are edited in place).
     """
     limit = max(max_batch_tokens, len(decode))
-    caps = sum(e.tree_cap for e in decode)
-    pre = sum(c.tokens for c in prefill)
+    caps = sum(map(_cap_of, decode))
+    pre = sum(map(_tokens_of, prefill))
     excess = caps + pre - limit
+    if excess <= 0:  # fits as planned: nothing to shrink
+        return min(max(budget, caps + pre), limit)
     while excess > 0 and prefill:
         c = prefill[-1]
         cut = min(excess, c.tokens)
@@ -58,7 +65,7 @@ def covering_budget(budget: int, decode: list, prefill: list, max_batch_tokens: 
                         e.depth, e.width = 0, 1
                     elif e.min_tokens > level:
                         e.min_tokens = float(level)
-    need = sum(e.tree_cap for e in decode) + sum(c.tokens for c in prefill)
+    need = sum(map(_cap_of, decode)) + sum(map(_tokens_of, prefill))
     return min(max(budget, need), limit)
 
 
