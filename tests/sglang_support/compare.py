@@ -1,7 +1,7 @@
 """Side by side on CPU: SGLang's default scheduler vs SGLang + sglang-slo plugin + slo_unified.
 
     python -m tests.sglang_support.compare [--rate 6 | --rates 4,6,8,10,12] [--configs default,plugin]
-                                           [--duration 30] [--seed 0] [--json]
+                                           [--interleave] [--unloaded-tpot S] [--duration 30] [--seed 0] [--json]
 
 Every config uses the real SGLang 0.5.23 CPU server on the tiny Llama (tests/sglang_support), the
 same traces (eval.demo_serve.demo_trace: coding, chat, tool-calling and reasoning classes with
@@ -9,7 +9,7 @@ SLOs scaled to the unloaded TPOT measured once on the default server) replayed b
 (streamed /v1/completions, SLOs in custom_params), scored by eval.metrics (per-class SLO
 attainment, SLOs-Serve and AdaServe definitions). No speculation (SGLang's EAGLE needs
 sgl-kernel's CPU build). One server per config serves the whole rate ladder (rates in order,
-the same seed at every rate). Capacity = the highest ladder rate with attainment >= 90%
+the same seed at every rate), or with --interleave fresh servers per rate, configs alternating. Capacity = the highest ladder rate with attainment >= 90%
 (eval.capacity's rule), per definition, overall and per class. Batch shapes come from SGLang's
 own "Prefill batch" log lines and, with the plugin, its per-iteration plan log
 (batch_stats.py). Prints a table, or one JSON document with --json.
@@ -152,6 +152,20 @@ def run_ladder(cfg: ServerConfig, model: Path, workdir: Path, rates: list[float]
     return out
 
 
+def interleaved(names: list[str], model: Path, work: Path, rates: list[float], traces: dict, prompts, args) -> dict:
+    """Every rate runs on fresh servers of every config, config order reversed at every other
+    rate: load drift on a shared machine hits all configs alike (costs a server start per run)."""
+    runs: dict = {}
+    for i, rate in enumerate(rates):
+        for n in names if i % 2 == 0 else names[::-1]:
+            cfg = CONFIGS[n]
+            one = run_ladder(cfg, model, work / cfg.name / f"rate-{rate:g}", [rate], traces, prompts, args)
+            runs.setdefault(cfg.name, {"extra_args": one["extra_args"], "rates": {}})["rates"][rate] = one["rates"][rate]
+    for r in runs.values():
+        r["capacity"] = capacity(rates, r["rates"])
+    return {CONFIGS[n].name: runs[CONFIGS[n].name] for n in names}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.sglang_support.compare", description=__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, default=6.0, help="arrivals per second (one rate)")
@@ -164,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unloaded-tpot", type=float, default=None,
                    help="seconds: scale the SLO classes to this instead of measuring it on the first config "
                         "(same SLOs across separate commands)")
+    p.add_argument("--interleave", action="store_true",
+                   help="fresh servers per rate, configs alternating (fairer on a shared machine, slower)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--planner-set", action="append", default=[], metavar="KEY=VALUE",
                    help="planner policy config override for the plugin configs (repeatable)")
@@ -187,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = PromptTexts(HfTokenizer(model))
     t0 = time.monotonic()
     traces: dict = {"unloaded_tpot_s": args.unloaded_tpot}  # None: measured on the first config
-    runs = {CONFIGS[n].name: run_ladder(CONFIGS[n], model, work / CONFIGS[n].name, rates, traces, prompts, args)
-            for n in names}
+    if args.interleave:
+        runs = interleaved(names, model, work, rates, traces, prompts, args)
+    else:
+        runs = {CONFIGS[n].name: run_ladder(CONFIGS[n], model, work / CONFIGS[n].name, rates, traces, prompts, args)
+                for n in names}
     doc = {"engine": "SGLang 0.5.23 CPU, tiny Llama (2x64, fp32), torch_native, no speculation",
            "unloaded_tpot_s": traces["unloaded_tpot_s"], "rates": rates, "duration_s": args.duration,
            "seed": args.seed, "requests": {r: len(traces[r].requests) for r in rates}, "policy": args.policy,
