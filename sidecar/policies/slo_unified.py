@@ -210,36 +210,42 @@ class UnifiedPolicy(Policy):
         s_rid, s_ctx, s_left, s_dl, s_tpot = [], [], [], [], []  # SLO decoders
         s_bank = []  # seconds the SLOs-Serve deadlines lie past the paced ones (early first token)
         b_rid, b_ctx, b_left = [], [], []  # best-effort decoders
-        reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available)
+        reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available);
+        # decoders' output share is added below, vectorized over their remaining output
         ratio_kv = cfg.new_token_ratio
         staged = self._staged_deadline
         anchor_first = cfg.anchor_first_token
+        # bound appends: this loop runs over every request (4096 at the latency target)
+        add_dec, add_rid, add_ctx, add_left = slo_dec.append, s_rid.append, s_ctx.append, s_left.append
+        add_dl, add_bank, add_tpot = s_dl.append, s_bank.append, s_tpot.append
         for r in st.requests.values():
             dec = r.decision
             if dec == _ADMIT or dec == _BE:
                 pf, pt, dd = r.prefilled, r.prompt_tokens, r.decoded
                 rest = r.max_new_tokens - dd
-                reserved += pt - pf + int((rest if rest < 4096 else 4096) * ratio_kv)
+                reserved += pt - pf
                 if pf < pt:
+                    reserved += int((rest if rest < 4096 else 4096) * ratio_kv)
                     (slo_pre if dec == _ADMIT else be_pre).append(r)
                 elif dec == _ADMIT:
-                    slo_dec.append(r)
-                    s_rid.append(r.rid)
-                    s_ctx.append(pf + dd)
-                    s_left.append(rest)
+                    add_dec(r)
+                    add_rid(r.rid)
+                    add_ctx(pf + dd)
+                    add_left(rest)
                     slo = r.slo
                     t0 = r.arrival_s + slo.ttft_s
                     ft = r.first_token_s
+                    early = anchor_first and 0.0 < ft < t0  # paced from a first token before t0
                     if slo.stages:
                         d, tp = staged(r)
-                        if anchor_first and 0.0 < ft < t0:
+                        if early:
                             d -= t0 - ft
                     else:
                         tp = slo.tpot_s
                         d = (ft if ft > t0 or (anchor_first and ft > 0.0) else t0) + dd * tp
-                    s_dl.append(d)
-                    s_bank.append(t0 - ft if anchor_first and 0.0 < ft < t0 else 0.0)
-                    s_tpot.append(tp)
+                    add_dl(d)
+                    add_bank(t0 - ft if early else 0.0)
+                    add_tpot(tp)
                 else:
                     be_dec.append(r)
                     b_rid.append(r.rid)
@@ -264,16 +270,18 @@ class UnifiedPolicy(Policy):
         self._plans += 1
 
         # ---- per-request arrays: deadlines [n_slo], context [n_all], E [n_all, dm+1] --------
-        ctx_tok = np.array(s_ctx + b_ctx, dtype=np.float64)
+        all_rid = s_rid + b_rid
+        ctx_tok = _floats(s_ctx + b_ctx)
         context = int(ctx_tok.sum())
         t_floor = cost.iteration_time(0, n_all, 0, context)
         start = now + (self._t_running or t_floor)  # the planned iteration starts after the running one
-        slack = np.array(s_dl, dtype=np.float64) - start  # to the paced deadline (tree floors)
-        hard = slack + np.array(s_bank, dtype=np.float64)  # to the SLOs-Serve deadline (T_lim)
-        tpot = np.array(s_tpot, dtype=np.float64)
+        slack = _floats(s_dl) - start  # to the paced deadline (tree floors)
+        hard = slack + _floats(s_bank)  # to the SLOs-Serve deadline (T_lim)
+        tpot = _floats(s_tpot)
         # exp[i, m-1]: expected committed tokens of an m-node chain (a wider tree does better)
-        exp = self._rows.gather(acc, s_rid + b_rid, dm, self._plans)
-        left_tok = np.array(s_left + b_left, dtype=np.float64)
+        exp = self._rows.gather(acc, all_rid, dm, self._plans)
+        left_tok = _floats(s_left + b_left)
+        reserved += int(np.trunc(np.minimum(left_tok, 4096.0) * ratio_kv).sum())  # == sum of int(min(rest, 4096) * r)
         m_max = np.minimum(np.maximum(left_tok, 1), dm + 1).astype(np.int64)  # no drafts past the output cap
 
         # ---- tree sizes: efficiency, floored by deadlines, cut until T_lim holds ----------
@@ -427,17 +435,20 @@ class UnifiedPolicy(Policy):
         # ---- entries ---------------------------------------------------------------------
         t_plan = cost.iteration_time(packing.used, decode_tokens, steps, context, decode_tokens - n_all)
         a_final = self._need(slack, tpot, t_plan, exp[:n_slo], dm) if n_slo else a
-        targets = a_final.tolist() + [1.0] * (n_all - n_slo)
-        entry = protos.DecodeEntry
+        targets = np.concatenate((a_final, np.ones(n_all - n_slo)))
         if lim.depth_tiers:
-            depths = [snap_depth(m - 1, lim, spec_on) for m in nodes.tolist()]
+            snapped = {m: snap_depth(m - 1, lim, spec_on) for m in set(nodes.tolist())}  # per distinct size
+            depth = np.fromiter(map(snapped.__getitem__, nodes.tolist()), dtype=np.int64, count=n_all)
         else:
-            depths = (nodes - 1).tolist()
-        decode = [
-            entry(r.rid, a_i if a_i > 1.0 else 1.0, m, d, w) if d else entry(r.rid, a_i if a_i > 1.0 else 1.0, 1, 0, 1)
-            for r, a_i, m, d in zip(dec_all, targets, nodes.tolist(), depths)
-            if r.rid not in gone
-        ]
+            depth = nodes - 1
+        spec = depth > 0  # a depth-0 entry is the root alone: one node, width 1
+        decode = list(map(
+            protos.DecodeEntry, all_rid,
+            np.where(targets > 1.0, targets, 1.0).tolist(),  # min_tokens >= 1
+            np.where(spec, nodes, 1).tolist(), depth.tolist(), np.where(spec, w, 1).tolist(),
+        ))
+        if gone:
+            decode = [e for e in decode if e.rid not in gone]
         budget = covering_budget(packing.used + decode_tokens, decode, packing.chunks, lim.max_batch_tokens)
         self._t_running = t_plan
         decisions.extend(packing.decisions)
@@ -540,6 +551,11 @@ class ArrivalRate:
         if t > self._t:
             self._level *= math.exp(-(t - self._t) / self.window_s)
             self._t = t
+
+
+def _floats(xs: list) -> np.ndarray:
+    """A list of numbers as a float64 array (np.fromiter: cheaper than np.array on long lists)."""
+    return np.fromiter(xs, dtype=np.float64, count=len(xs))
 
 
 def _kv_footprint(r) -> float:
