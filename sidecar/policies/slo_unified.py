@@ -306,13 +306,15 @@ class UnifiedPolicy(Policy):
         # tokens per second; a floor that no level reaches does not force a deeper tree.
         want = np.maximum(m_min, m_eff)
         rows = np.arange(n_all)
+        exp_flat = exp.reshape(-1)  # exp[i, m - 1] == exp_flat[row_m0[i] + m]: a 1-D take per level
+        row_m0 = rows * exp.shape[1] - 1
         best, nodes, t_lim, t_dec = None, m_min, max(t_cap, t_floor), t_floor
         for level in range(int(want.max(initial=1)), 0, -1):
             cand = np.minimum(want, level)
             total = int(cand.sum())
             steps = int(cand.max(initial=1)) - 1
             t_c = cost.iteration_time(0, total, steps, context, total - n_all)
-            got = exp[rows, cand - 1]  # [n_all] expected committed tokens
+            got = exp_flat[row_m0 + cand]  # [n_all] expected committed tokens of cand nodes
             e = got[:n_slo]
             on_track = int(((t_c - slack) / tpot + (1.0 + cfg.margin) <= e + 1e-9).sum()) if n_slo else 0
             t_l = self._t_limit(hard, tpot, e, t_floor, t_cap, cfg.safety)
@@ -345,14 +347,17 @@ class UnifiedPolicy(Policy):
             lead = cfg.ttft_lead_iters * t_lim
             jobs = [Job(r.ttft_deadline_s - lead, r.prompt_tokens - r.prefilled, 0.0, True) for r in slo_pre]
             fresh = []
+            late_by, min_load = start + t_floor, 1.0 / t_lim  # TTFT deadline (s), decode load (1/s)
             for r in waiting:
-                if r.slo.best_effort or r.ttft_deadline_s <= start + t_floor:
+                slo = r.slo
+                ttft_deadline = r.arrival_s + slo.ttft_s  # r.ttft_deadline_s
+                if slo.best_effort or ttft_deadline <= late_by:
                     late.append(r)
-                    self.counters["late"] += 1
                 else:
                     fresh.append(r)
                     load = 1.0 / (r.tpot_now * cfg.decode_efficiency)
-                    jobs.append(Job(r.ttft_deadline_s - lead, r.prompt_tokens - r.prefilled, max(load, 1.0 / t_lim)))
+                    jobs.append(Job(ttft_deadline - lead, r.prompt_tokens - r.prefilled, max(load, min_load)))
+            self.counters["late"] += len(late)
             ok = admit_edf(jobs, start, capacity, base_load, cfg.admit_slack_s)
             feasible = [r for r, yes in zip(fresh, ok[len(slo_pre):]) if yes]
             self.counters["declined"] += len(fresh) - len(feasible)
