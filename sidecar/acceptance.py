@@ -164,6 +164,12 @@ class AcceptanceModel:
 
     def alphas(self, rid: str, depth: int) -> list[float]:
         """Per-position conditional acceptance alpha_1..alpha_depth for a request."""
+        est = self._requests.get(rid)
+        if est is not None and depth < MAX_POSITIONS and (
+                est.cache is None or est.epoch != self._class_updates.get(est.slo_class, 0) // _CLASS_EPOCH):
+            # Stale: shrink only the positions asked for (the planner re-reads ~1/16 of its rows a
+            # plan, each observed since); same values as the full row, which is left uncached.
+            return _shrink(est.counts, self.class_alphas(est.slo_class), self.request_strength, depth)
         full = self._request_alphas(rid, "")
         if depth <= MAX_POSITIONS:
             return full[:depth]
@@ -246,10 +252,12 @@ def _pad(alphas: list[float]) -> list[float]:
     return (alphas + [alphas[-1]] * MAX_POSITIONS)[:MAX_POSITIONS]
 
 
-def _shrink(counts: _Counts, prior: list[float], strength: float) -> list[float]:
-    """Posterior-mean chain alphas: counts shrunk toward the prior (in the observations'
-    widened space when they came from trees, then mapped back)."""
+def _shrink(counts: _Counts, prior: list[float], strength: float, positions: int = MAX_POSITIONS) -> list[float]:
+    """Posterior-mean chain alphas of the first `positions` positions: counts shrunk toward the
+    prior (in the observations' widened space when they came from trees, then mapped back)."""
     e, s = counts.wexp, strength * counts.unit  # strength in the counts' stored units
+    if positions < len(prior):
+        prior = prior[:positions]  # zip below stops there
     if e <= 1.0001:
         return [(a + s * p) / (t + s) for a, t, p in zip(counts.acc, counts.trials, prior)]
     out = []
