@@ -74,6 +74,9 @@ class _Verify:
     """Selected subtree (None = the root alone)."""
     nodes: list[int] = field(default_factory=list)
     """Candidate-tree index of each selected node (for the draft cache commit)."""
+    draft_depth: int = 0
+    """Depth of the candidate tree: nodes shallower than this were fed to the draft model
+    (its deepest level never is); below the work's depth when a chain stopped early."""
 
 
 class ModelRunner:
@@ -205,7 +208,7 @@ class ModelRunner:
                 verifies.append(_Verify(w, [w.req.output_ids[-1]]))
                 continue
             sub = t.subtree(nodes)
-            verifies.append(_Verify(w, sub.tokens.tolist(), sub, nodes))
+            verifies.append(_Verify(w, sub.tokens.tolist(), sub, nodes, max(t.host().depth)))
         return verifies
 
     def _verify(self, r: Request, tree: DraftTree, logits: torch.Tensor, argmax: list[int]):
@@ -231,10 +234,10 @@ class ModelRunner:
             moves[1].extend(self.tables.slots(r.rid, [b for _, b in pairs]))
         r.num_computed = ctx + 1 + len(path)
         if v.tree is not None and v.work.depth:
-            # Draft: candidate node c (level l < depth, so it was fed) sits at N + c - 1,
+            # Draft: candidate node c (level l < draft depth, so it was fed) sits at N + c - 1,
             # the l-th accepted token belongs at N + l - 1 (N = committed tokens, root included).
             n_tok = ctx + 1
-            fed = [v.nodes[k] for k in path if int(v.tree.depth[k]) < v.work.depth]
+            fed = [v.nodes[k] for k in path if int(v.tree.depth[k]) < v.draft_depth]
             pairs = [(n_tok + c - 1, n_tok + l) for l, c in enumerate(fed) if c - 1 != l]
             if pairs:
                 draft_moves[0].extend(self.tables.slots(r.rid, [a for a, _ in pairs], draft=True))
