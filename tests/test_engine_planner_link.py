@@ -44,18 +44,27 @@ def pair():
     return tiny_pair(seed=2)
 
 
+def wait_for_reply(link: PlannerLink, received_before: int, max_wait_s: float = 0.2) -> None:
+    """Pace the engine like a forward slower than a plan: wait (bounded) until the planner has
+    answered the report the last step sent. A silent planner (unwelcomed link) is not waited for."""
+    deadline = time.monotonic() + max_wait_s
+    while link.welcomed and link.plans_received <= received_before and time.monotonic() < deadline:
+        link.poll(wait_ms=5)
+
+
 def run_linked(link: PlannerLink, prompts, max_new=16, on_step=None, max_wall_s=120.0):
     for i, p in enumerate(prompts):
         link.add_request(f"r{i}", p, SamplingParams(max_new_tokens=max_new, ignore_eos=True), SLO)
     outputs, plan_steps, t0 = {}, [], time.monotonic()
     while link.engine.has_work:
         out = link.step()
+        received = link.plans_received
         plan_steps.append(out.report.plan_step)
         for f in out.finished:
             outputs[f.rid] = f.output_ids
         if on_step is not None:
             on_step(len(plan_steps))
-        time.sleep(0.002)  # give the planner's reply a chance to arrive between steps
+        wait_for_reply(link, received)
         assert time.monotonic() - t0 < max_wall_s
     return outputs, plan_steps
 
@@ -107,9 +116,9 @@ def test_planner_crash_falls_back_and_restart_resyncs(pair):
         got, steps = {}, []
         while link.engine.has_work:
             out = link.step()
+            wait_for_reply(link, link.plans_received)
             steps.append(out.report.plan_step)
             got.update({f.rid: f.output_ids for f in out.finished})
-            time.sleep(0.002)
         assert got == {f"r{i}": ref[f"r{i}"] for i in range(8, 16)}
         assert sum(s >= 0 for s in steps) >= len(steps) // 2
         link.engine.check_kv()
