@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark a random-init Llama of this shape instead (no speculation)")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128, help="output tokens per request")
-    parser.add_argument("--depth", type=int, default=6,
-                        help="draft tree depth (6: best measured with the distilled tiny draft, see --sweep)")
+    parser.add_argument("--depth", type=int, default=8,
+                        help="most draft tree depth (chains stop early on low draft confidence; 8: best "
+                             "measured with the distilled tiny draft, see --sweep)")
     parser.add_argument("--width", type=int, default=1, help="draft tree width (1 = chain)")
     parser.add_argument("--tree-cap", type=int, default=0, help="verify tokens per request (0 = 1 + depth*width)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent requests")
