@@ -222,8 +222,9 @@ class Planner:
         """Repair a plan that breaks the policy contract (policies/base.py), so a policy bug
         costs quality, not requests: chunks only for admitted requests and at most their
         remaining prefill; one decode entry (tree_cap >= 1) per decoding request, none for
-        others, or none at all in a prefill-only plan (SGLang's default iteration); prefill + one token per decode entry within the budget, and the budget within
-        the engine's max_batch_tokens (unless the decode entries alone exceed it).
+        others, or none at all in a prefill-only plan (SGLang's default iteration); prefill +
+        one token per decode entry within the budget, and the budget within the engine's
+        max_batch_tokens (unless the decode entries alone exceed it).
         O(n) with set operations on the common (valid) path."""
         requests = self.state.requests
         admit, best = Decision.ADMIT, Decision.BEST_EFFORT
@@ -289,7 +290,7 @@ class Planner:
     def _horizon_s(self, plan: protos.Plan) -> float:
         """Validity horizon: `horizon_iters` predicted iterations of this plan (one pass)."""
         verify = sum(map(_cap_of, plan.decode))
-        steps = max(0, max(map(_depth_of, plan.decode), default=0))
+        steps = max(map(_depth_of, plan.decode), default=0)
         prefill = sum(map(_tokens_of, plan.prefill))
         rep = self.state.last_report
         ctx_tokens = rep.context_tokens if rep is not None else 0  # last measured; close enough here

@@ -42,13 +42,19 @@ def _running(rid: str, prompt: int, decoded: int) -> SimRequest:
                       num_computed=prompt + decoded - 1, decoded=decoded)
 
 
-def test_plan_decisions_act_once_per_plan_in_the_simulator():
+def _scheduler_running_a() -> tuple[SimScheduler, SimRequest]:
+    """A simulator scheduler with one decoding request "a" (20-token prompt, 3 decoded)."""
     kv = KvBlocks(10_000, 16)
     sched = SimScheduler(SchedulerLimits(max_batch_tokens=512, max_running=8, max_depth=8, max_width=4,
                                          fallback_budget=64), kv)
     a = _running("a", 20, 3)
     assert kv.grow("a", a.num_computed + 1)
     sched.running.append(a)
+    return sched, a
+
+
+def test_plan_decisions_act_once_per_plan_in_the_simulator():
+    sched, a = _scheduler_running_a()
     plan = protos.Plan(step=1, valid_until_s=10.0, token_budget=64,
                        prefill=[protos.PrefillChunk("a", 64)],
                        decisions=[protos.AdmissionDecision("a", protos.Decision.PREEMPT)])
@@ -79,12 +85,7 @@ def _waiting(rid: str, prompt: int) -> SimRequest:
 def test_prefill_only_plan_makes_running_requests_wait():
     """SGLang's default iteration: a plan with chunks and no decode entries runs only the
     chunks; once they cannot run, the same plan decodes instead of idling."""
-    kv = KvBlocks(10_000, 16)
-    sched = SimScheduler(SchedulerLimits(max_batch_tokens=512, max_running=8, max_depth=8, max_width=4,
-                                         fallback_budget=64), kv)
-    a = _running("a", 20, 3)
-    assert kv.grow("a", a.num_computed + 1)
-    sched.running.append(a)
+    sched, a = _scheduler_running_a()
     b = _waiting("b", 100)
     sched.add(b)
     plan = protos.Plan(step=1, valid_until_s=10.0, token_budget=512, prefill=[protos.PrefillChunk("b", 100)],

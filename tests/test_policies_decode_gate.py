@@ -7,8 +7,7 @@ import pytest
 from protos import messages as protos
 from sidecar.acceptance import AcceptanceModel
 from sidecar.policies.base import PlanContext, make_policy
-from sidecar.policies.decode_gate import GateCandidate, GateLoad, admit_decodes, pace_limit
-from sidecar.policies.slo_unified import ArrivalRate
+from sidecar.policies.decode_gate import ArrivalRate, GateCandidate, GateLoad, admit_decodes, pace_limit
 from test_policies_factories import H100, check_plan_invariants
 from test_policies_unified import _decoders
 

@@ -99,8 +99,7 @@ class Drafter:
             model_s, fed = time.perf_counter() - t, n
             for r, c in zip(reqs, ctx0):
                 r.num_draft_computed = c
-            best, arg = logits.max(dim=-1)                       # [n]
-            best = best - torch.logsumexp(logits, dim=-1)        # log-prob of the argmax
+            best, arg = _argmax_logprob(logits)                  # [n]
         else:
             logp, fed = self._catch_up(reqs)
             model_s = self._model_s
@@ -124,8 +123,7 @@ class Drafter:
             t = time.perf_counter()
             hidden = self.model.forward(arg.to(self.device), batch.positions, batch, self.kv)
             logits = self.model.logits(hidden)                   # [len(active), vocab]
-            best, arg = logits.max(dim=-1)
-            best = best - torch.logsumexp(logits, dim=-1)        # log-prob of the argmax
+            best, arg = _argmax_logprob(logits)
             model_s += time.perf_counter() - t
             fed += len(active)
             steps += 1
@@ -235,3 +233,9 @@ class Drafter:
         logits = self.model.logits(hidden)
         self._model_s = time.perf_counter() - t
         return torch.log_softmax(logits, dim=-1), n
+
+
+def _argmax_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of the argmax, argmax) per row of [rows, vocab] logits, without a full log_softmax."""
+    best, arg = logits.max(dim=-1)
+    return best - torch.logsumexp(logits, dim=-1), arg

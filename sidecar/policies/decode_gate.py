@@ -10,10 +10,12 @@ longer keeps pace, admitting one more request makes *every* decoder late; declin
 waits, and runs best effort once its TTFT is lost) keeps the rest on their SLOs.
 
 Pure: a cost model and numbers in, which candidates fit out. O(candidates) cost-model calls.
+`ArrivalRate` estimates the prompt tokens arriving per second behind the prefill duty.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -67,4 +69,26 @@ def admit_decodes(cost, load: GateLoad, t_allow_s: float, duty: float,
     return out
 
 
-__all__ = ["GateCandidate", "GateLoad", "admit_decodes", "pace_limit"]
+class ArrivalRate:
+    """Exponentially decayed rate of prompt tokens arriving (new, not prefix-cached), tokens/s."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._level = 0.0  # decayed token count
+        self._t = 0.0
+
+    def add(self, t: float, tokens: int) -> None:
+        self._decay(t)
+        self._level += tokens
+
+    def rate(self, t: float) -> float:
+        self._decay(t)
+        return self._level / self.window_s
+
+    def _decay(self, t: float) -> None:
+        if t > self._t:
+            self._level *= math.exp(-(t - self._t) / self.window_s)
+            self._t = t
+
+
+__all__ = ["ArrivalRate", "GateCandidate", "GateLoad", "admit_decodes", "pace_limit"]

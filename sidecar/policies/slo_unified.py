@@ -43,14 +43,14 @@ O(n log n) per plan; numpy for the per-request tree arithmetic.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from protos import messages as protos
+from sidecar.acceptance import chain_expected
 from sidecar.policies.base import PlanContext, Policy, build_config
-from sidecar.policies.decode_gate import GateCandidate, GateLoad, admit_decodes
+from sidecar.policies.decode_gate import ArrivalRate, GateCandidate, GateLoad, admit_decodes
 from sidecar.policies.edf_admission import Job, admit_edf
 from sidecar.policies.expected_rows import ExpectedRows
 from sidecar.policies.engine_shapes import covering_budget, snap_depth, snap_width
@@ -225,7 +225,7 @@ class UnifiedPolicy(Policy):
                     reserved += int((rest if rest < 4096 else 4096) * ratio_kv)
                     (slo_pre if dec == _ADMIT else be_pre).append(r)
                 elif dec == _ADMIT:
-                    slo_dec.append(r)  # (list.append called directly: 3.11 specializes it; bound appends are slower)
+                    slo_dec.append(r)
                     s_rid.append(r.rid)
                     s_ctx.append(pf + dd)
                     s_left.append(rest)
@@ -488,11 +488,7 @@ class UnifiedPolicy(Policy):
 
         def cand(r) -> GateCandidate:
             out = r.max_new_tokens - r.decoded
-            a = ctx.acceptance.alphas(r.rid, m_new - 1) if m_new > 1 else []
-            e, run = 1.0, 1.0
-            for x in a:
-                run *= x
-                e += run
+            e = 1.0 + chain_expected(ctx.acceptance.alphas(r.rid, m_new - 1), m_new - 1) if m_new > 1 else 1.0
             return GateCandidate(m_new, r.prompt_tokens + (out // 2 if out < 2 * half else half),
                                  cfg.gate_safety * e * r.tpot_now if cfg.gate_quantile <= 0 else float("inf"))
 
@@ -531,28 +527,6 @@ class UnifiedPolicy(Policy):
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()) if t_ok.size else t_cap))
-
-
-class ArrivalRate:
-    """Exponentially decayed rate of prompt tokens arriving (new, not prefix-cached), tokens/s."""
-
-    def __init__(self, window_s: float):
-        self.window_s = window_s
-        self._level = 0.0  # decayed token count
-        self._t = 0.0
-
-    def add(self, t: float, tokens: int) -> None:
-        self._decay(t)
-        self._level += tokens
-
-    def rate(self, t: float) -> float:
-        self._decay(t)
-        return self._level / self.window_s
-
-    def _decay(self, t: float) -> None:
-        if t > self._t:
-            self._level *= math.exp(-(t - self._t) / self.window_s)
-            self._t = t
 
 
 def _floats(xs: list) -> np.ndarray:
