@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hardware", required=True, help="hardware profile YAML (configs/hardware/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="policy config override (VALUE parsed as YAML), repeatable")
+    p.add_argument("--busy-poll", action="store_true",
+                   help="poll the socket without sleeping (as SGLang's scheduler loop does): lowest "
+                        "report->plan latency, costs one CPU core; default: block in the kernel")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"sidecar: {e}", file=sys.stderr)
         return 2
-    proc = PlannerProc(args.endpoint, planner, args.policy)
+    proc = PlannerProc(args.endpoint, planner, args.policy, busy_poll=args.busy_poll)
     proc.install_signal_handlers()
     print(f"sidecar: {args.policy} on {planner.profile.name} listening at {proc.endpoint}", flush=True)
     return proc.run()

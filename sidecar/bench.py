@@ -96,16 +96,18 @@ def bench_plan_latency(policy: str, hardware: str, n: int, iters: int, seed: int
 
 def bench_sidecar_work(hardware: str, policy: str, n_requests: int, iters: int, seed: int) -> dict:
     """What the sidecar process does per round trip, in-process (no sockets, no scheduling
-    noise): decode the report frame, observe it, plan, encode the plan."""
+    noise): decode the report frame, observe it, plan, encode the plan ("critical"); then the
+    model upkeep the sidecar runs after sending ("upkeep_after_send")."""
     profile = load_profile(hardware)
     planner = Planner.create(policy, profile)
+    planner.defer_upkeep = True  # as in PlannerProc
     planner.observe(protos.EngineHello(
         protos.PROTOCOL_VERSION, "bench", [protos.SpecMode.CHAIN], profile.engine.max_batch_tokens,
         profile.engine.kv_capacity_tokens, profile.engine.max_depth, 1))
     arrivals, report = random_mix(random.Random(seed), n_requests, kv_capacity_tokens=profile.engine.kv_capacity_tokens)
     for a in arrivals:
         planner.observe(a)
-    work = []
+    work, upkeep = [], []
     for i in range(iters + 10):
         frame = protos.encode(report)
         t0 = time.perf_counter()
@@ -113,21 +115,36 @@ def bench_sidecar_work(hardware: str, policy: str, n_requests: int, iters: int, 
         planner.observe(msg)
         plan = planner.plan(msg.end_s, step=msg.step + 2)
         protos.encode(plan)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        planner.upkeep()
         if i >= 10:
-            work.append(dt)
+            work.append(t1 - t0)
+            upkeep.append(time.perf_counter() - t1)
         report = next_report(report, plan)
-    return _ms(work)
+    return {"critical": _ms(work), "upkeep_after_send": _ms(upkeep)}
 
 
-def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int, gap_s: float = 0.0) -> dict:
-    """Engine-side round trip (send a report, receive its plan) to a real sidecar process.
-    gap_s: untimed pause between a plan and the next report (an engine iteration)."""
+def _await_plan(ch: EngineChannel, timeout_s: float = 5.0) -> protos.Message | None:
+    """The next message, polled without sleeping: a real engine never waits for a plan, it
+    drains its socket between forwards, so the latency that matters is when the plan lands
+    in the engine's queue, not when a blocked engine thread would wake up."""
+    deadline = time.perf_counter() + timeout_s
+    while (msg := ch.recv(0)) is None:
+        if time.perf_counter() > deadline:
+            return None
+    return msg
+
+
+def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int, gap_s: float = 0.0,
+                    busy_poll: bool = False) -> dict:
+    """Engine-side round trip (send a report, see its plan arrive) to a real sidecar process.
+    gap_s: untimed pause between a plan and the next report (an engine iteration);
+    busy_poll: run the sidecar with --busy-poll (it never sleeps in the kernel)."""
     endpoint = ipc_endpoint("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "--endpoint", endpoint, "--policy", policy,
-         "--hardware", hardware, "--log-level", "WARNING"],
+         "--hardware", hardware, "--log-level", "WARNING", *(["--busy-poll"] if busy_poll else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         cwd=str(Path(__file__).resolve().parent.parent),
     )
@@ -157,7 +174,7 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
             frame = protos.encode(report)  # encoded before timing: the engine's own cost
             t0 = time.perf_counter()
             ch.sock.send(frame)
-            plan = ch.recv(5000)
+            plan = _await_plan(ch)
             dt = time.perf_counter() - t0
             if not isinstance(plan, protos.Plan):
                 raise RuntimeError(f"expected a plan, got {plan!r}")
@@ -171,6 +188,7 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
             "policy": policy,
             "active_requests": n_requests,
             "gap_ms": gap_s * 1e3,
+            "sidecar_busy_poll": busy_poll,
             "roundtrip": _ms(rtt),
             "plan_inside": _ms(planner_s),
             "report_bytes": len(protos.encode(report)),
@@ -213,12 +231,15 @@ def run(args: argparse.Namespace) -> int:
         out["zmq_roundtrip"] = {}
         for n in (int(x) for x in args.rt_requests.split(",") if x):
             iters = max(100, args.rt_iters * 64 // max(n, 64))
-            r = out["zmq_roundtrip"][str(n)] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed,
-                                                               args.rt_gap_ms / 1e3)
+            r = out["zmq_roundtrip"][str(n)] = {}
+            for mode in ("blocking", "busy_poll"):  # the sidecar's two loop modes, side by side
+                r[mode] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed,
+                                          args.rt_gap_ms / 1e3, busy_poll=mode == "busy_poll")
+                if not args.json:
+                    rt = r[mode]["roundtrip"]
+                    print(f"round trip ({args.rt_policy}, {n} req, sidecar {mode}): p50 {rt['p50_ms']:.3f} ms  "
+                          f"p99 {rt['p99_ms']:.3f} ms", flush=True)
             r["sidecar_work_inprocess"] = bench_sidecar_work(args.hardware, args.rt_policy, n, iters, args.seed)
-            if not args.json:
-                rt = r["roundtrip"]
-                print(f"round trip ({args.rt_policy}, {n} req): p50 {rt['p50_ms']:.3f} ms  p99 {rt['p99_ms']:.3f} ms", flush=True)
     out["loadavg_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(out, indent=1))

@@ -54,7 +54,10 @@ class Planner:
         self.contract_fixes = 0
         """Plans the planner had to repair."""
         self.defer_upkeep = False
-        """True: slow model upkeep (cost refit) waits for `upkeep()` instead of running in observe()."""
+        """True: model upkeep (acceptance updates, cost refit) waits for `upkeep()` instead of
+        running in observe(): the sidecar plans first and learns after sending the plan."""
+        self._pending_verifies: list[tuple[ReqState, protos.RequestProgress]] = []
+        """Verify outcomes observed but not yet applied to the acceptance model (defer_upkeep)."""
         self._inflight: list[protos.Plan] = []
         """Plans sent for steps the engine has not reported yet (pipelining)."""
 
@@ -83,6 +86,7 @@ class Planner:
             if msg.arrival_s > st.now_s:
                 st.now_s = msg.arrival_s
         elif isinstance(msg, protos.RequestFinished):
+            self._learn_verifies()  # its last outcomes count before its estimate is dropped
             if st.requests.pop(msg.rid, None) is None:
                 self._skip(msg.rid, "finished")
             self.acceptance.forget(msg.rid)
@@ -108,7 +112,8 @@ class Planner:
         st.kv_free_tokens = rep.kv_free_tokens
         st.last_report = rep
         requests = st.requests
-        acceptance = self.acceptance
+        self._learn_verifies()  # upkeep() was not called since the last report
+        verifies = self._pending_verifies
         for p in rep.progress:
             req = requests.get(p.rid)
             if req is None:
@@ -116,7 +121,9 @@ class Planner:
                 continue
             req.apply_progress(p)
             if p.depth > 0:
-                acceptance.observe(p.rid, req.slo.slo_class, p)
+                verifies.append((req, p))
+        if not self.defer_upkeep:
+            self._learn_verifies()
         self.cost.observe(rep, defer_refit=self.defer_upkeep)
         self._project_inflight(rep.step)
 
@@ -145,6 +152,7 @@ class Planner:
     def _resync(self, msg: protos.Resync) -> None:
         st = PlannerState(limits=self.state.limits, engine=self.state.engine, spec_modes=self.state.spec_modes)
         st.now_s, st.step, st.kv_free_tokens = msg.now_s, msg.step, msg.kv_free_tokens
+        self._learn_verifies()  # the class estimates keep them; request estimates restart
         self.acceptance.clear_requests()
         for snap in msg.requests:
             req = st.add(snap.arrived)
@@ -165,9 +173,19 @@ class Planner:
             log.warning("planner: %s for unknown request %r skipped (%d so far)", what, rid, self.skipped_unknown)
 
     def upkeep(self) -> None:
-        """Slow model maintenance, off the plan's critical path (the sidecar calls it after
-        sending a plan): the cost model's windowed refit when due."""
+        """Model maintenance, off the plan's critical path (the sidecar calls it after sending
+        a plan): deferred acceptance updates, then the cost model's windowed refit when due."""
+        self._learn_verifies()
         self.cost.refit_if_due()
+
+    def _learn_verifies(self) -> None:
+        """Apply deferred verify outcomes to the acceptance model (at most one report old)."""
+        pending = self._pending_verifies
+        if pending:
+            observe = self.acceptance.observe
+            for req, p in pending:
+                observe(req.rid, req.slo.slo_class, p)
+            pending.clear()
 
     # ---- planning ---------------------------------------------------------------------
 

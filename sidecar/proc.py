@@ -6,6 +6,8 @@ IterationReport (and after draining everything already queued, so the plan sees 
 state) send a Plan for step report.step + 2: the engine is already running step + 1.
 A Resync replaces the planner's state and is answered with a fresh plan too.
 Clean shutdown on SIGTERM/SIGINT (the loop polls with a short timeout and checks a flag).
+With `busy_poll` the loop never sleeps in the kernel: a report is seen within microseconds
+instead of after a wake-up (~30-70 us here), at the price of one CPU core.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ _STATS_EVERY_S = 10.0  # period of the INFO stats line
 class PlannerProc:
     """Owns the planner's socket and runs the event loop."""
 
-    def __init__(self, endpoint: str, planner: Planner, policy_name: str = ""):
+    def __init__(self, endpoint: str, planner: Planner, policy_name: str = "", busy_poll: bool = False):
         self.planner = planner
+        self.busy_poll = busy_poll
         planner.defer_upkeep = True  # refits run after the plan is sent, not before
         self.policy_name = policy_name or planner.policy.name
         self.channel = PlannerChannel(endpoint)
@@ -57,9 +60,10 @@ class PlannerProc:
         # sight so a full collection mid-run costs microseconds, not tens of milliseconds.
         gc.collect()
         gc.freeze()
+        wait_ms = 0 if self.busy_poll else _POLL_MS
         try:
             while not self._stop:
-                got = self.channel.recv(_POLL_MS)
+                got = self.channel.recv(wait_ms)
                 if got is not None:
                     self._handle_batch(got)
                 if time.monotonic() >= self._next_stats:

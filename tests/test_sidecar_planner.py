@@ -134,6 +134,30 @@ def test_reports_feed_the_acceptance_and_cost_models(planner):
     assert planner.cost.scale > 2.0
 
 
+def test_deferred_upkeep_learns_verifies_after_the_plan_and_before_a_finish(planner):
+    """The sidecar plans first and learns after sending: outcomes wait for upkeep(), at most
+    one report; a finishing request's outcomes reach the class before its estimate goes."""
+    planner.defer_upkeep = True
+    planner.observe(arrived("a", prompt=10, cls="coding"))
+    a0 = planner.acceptance.alphas("a", 1)[0]
+    miss = [m.RequestProgress("a", 10, 2, verified=4, accepted=0, depth=4)]
+    planner.observe(report(0, 0.1, miss, verify=5, draft_steps=4, ctx=50))
+    assert planner.acceptance.alphas("a", 1)[0] == a0  # not yet: the plan goes out first
+    planner.plan(0.1)
+    planner.upkeep()
+    a1 = planner.acceptance.alphas("a", 1)[0]
+    assert a1 < a0
+    planner.observe(report(1, 0.2, miss, verify=5, draft_steps=4, ctx=50))
+    planner.observe(report(2, 0.3, miss, verify=5, draft_steps=4, ctx=50))  # no upkeep between
+    assert a1 > planner.acceptance.alphas("a", 1)[0]  # the older report was learned first
+    learned = planner.acceptance._class_updates  # verify outcomes per class
+    assert learned["coding"] == 2  # report 2's outcome still waits
+    planner.observe(m.RequestFinished("a", m.FinishReason.LENGTH, 2, 0.35))
+    assert learned["coding"] == 3
+    planner.upkeep()
+    assert "a" not in planner.acceptance._requests  # no estimate re-created after forget
+
+
 def test_resync_replaces_state(planner):
     planner.observe(arrived("old", prompt=10))
     snap = m.RequestSnapshot(arrived("x", prompt=300, t=1.0), prefilled=300, decoded=7, first_token_s=1.2, decision=D.ADMIT)

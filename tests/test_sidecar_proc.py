@@ -134,6 +134,19 @@ def test_sigterm_exits_cleanly():
     assert "stopped after" in err
 
 
+def test_busy_poll_sidecar_plans_and_exits_cleanly():
+    proc, endpoint = start_sidecar("fcfs", "--busy-poll")
+    ch, welcome = connect(endpoint)
+    assert welcome.accepted
+    ch.send(m.RequestArrived("a", 100, 20, m.Slo(1.0, 0.05), 0.0))
+    ch.send(m.IterationReport(0, 0.0, 0.01, -1, 0, 0, 0, 0, 99_000))
+    plan = recv_plan(ch)
+    assert plan.step == 2 and [(c.rid, c.tokens) for c in plan.prefill] == [("a", 100)]
+    ch.close()
+    rc, err = stop(proc)
+    assert rc == 0 and "stopped after 1 plans" in err
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
