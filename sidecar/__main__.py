@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--busy-poll", action="store_true",
                    help="poll the socket without sleeping (as SGLang's scheduler loop does): lowest "
                         "report->plan latency, costs one CPU core; default: block in the kernel")
+    p.add_argument("--horizon-iters", type=float, default=None, metavar="N",
+                   help="plans stay valid for N predicted iterations, fixed (default: 4, extended to "
+                        "the measured plan lag, up to --max-horizon-ms, for a real engine)")
+    p.add_argument("--max-horizon-ms", type=float, default=50.0,
+                   help="cap on the lag-adaptive plan validity (ms; default 50)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -42,10 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         planner = Planner.create(args.policy, args.hardware, **parse_overrides(args.overrides))
+        if args.horizon_iters is not None and args.horizon_iters <= 0 or args.max_horizon_ms <= 0:
+            raise ValueError("--horizon-iters and --max-horizon-ms must be > 0")
     except (ValueError, TypeError) as e:
         print(f"sidecar: {e}", file=sys.stderr)
         return 2
-    proc = PlannerProc(args.endpoint, planner, args.policy, busy_poll=args.busy_poll)
+    if args.horizon_iters is not None:
+        planner.horizon_iters = args.horizon_iters
+    planner.max_horizon_s = args.max_horizon_ms / 1e3
+    proc = PlannerProc(args.endpoint, planner, args.policy, busy_poll=args.busy_poll,
+                       adapt_horizon=args.horizon_iters is None)
     proc.install_signal_handlers()
     print(f"sidecar: {args.policy} on {planner.profile.name} listening at {proc.endpoint}", flush=True)
     return proc.run()

@@ -26,6 +26,9 @@ _rid_of = attrgetter("rid")
 _cap_of = attrgetter("tree_cap")
 _depth_of = attrgetter("depth")
 _tokens_of = attrgetter("tokens")
+_PLANS_REMEMBERED = 32  # plan steps whose planning time is kept for the lag measurement
+_LAG_MARGIN = 1.25  # the adaptive horizon covers the lag envelope with this margin
+_LAG_HALF_LIFE_S = 1.0  # engine seconds for a lag spike to count half
 
 
 class Planner:
@@ -37,9 +40,11 @@ class Planner:
         profile: HardwareProfile,
         horizon_iters: float = 4.0,
         min_horizon_s: float = 0.005,
+        max_horizon_s: float = 0.05,
     ):
         """horizon_iters: a plan stays valid for this many predicted iterations after `now`
-        (at least `min_horizon_s` seconds)."""
+        (at least `min_horizon_s` seconds); with `adaptive_horizon`, at least as long as the
+        engine has recently had to wait for a newer plan (at most `max_horizon_s` for that part)."""
         self.policy = policy
         self.profile = profile
         self.cost: CostModel = copy.deepcopy(profile.cost)  # refit online; the profile stays as loaded
@@ -47,6 +52,20 @@ class Planner:
         self.state = PlannerState(limits=profile.engine)
         self.horizon_iters = horizon_iters
         self.min_horizon_s = min_horizon_s
+        self.max_horizon_s = max_horizon_s
+        self.adaptive_horizon = False
+        """True: the horizon also covers the measured plan lag (`plan_lag_s`). The sidecar turns
+        it on for real engines, whose plans arrive whenever the sidecar gets CPU time; the
+        simulator's plans arrive on a fixed schedule, so in-process planning keeps it off."""
+        self.plan_lag_s = 0.0
+        """Envelope of plan ages at iteration start (engine clock, decays by half per
+        `_LAG_HALF_LIFE_S`): how old the newest plan was when the engine started an iteration."""
+        self._plan_made_s: dict[int, float] = {}
+        """Plan step -> the `now_s` it was planned at (the last `_PLANS_REMEMBERED`)."""
+        self._lag_prev_end_s: float | None = None
+        """end_s of the previous report (an idle gap before an iteration is not plan lag)."""
+        self._lag_t = 0.0
+        """Engine time of the last `plan_lag_s` update."""
         self.skipped_unknown = 0
         """Messages about rids the planner does not know (logged, skipped)."""
         self.enforce_contract = True
@@ -77,6 +96,8 @@ class Planner:
         st = self.state
         if isinstance(msg, protos.IterationReport):
             self._observe_report(msg)
+            if self.adaptive_horizon:
+                self._observe_plan_lag(msg)
         elif isinstance(msg, protos.RequestArrived):
             if msg.rid in st.requests:
                 log.warning("planner: duplicate arrival of %r ignored", msg.rid)
@@ -206,6 +227,11 @@ class Planner:
         plan.based_on_step = st.step
         if plan.valid_until_s <= now_s:
             plan.valid_until_s = now_s + self._horizon_s(plan)
+        if self.adaptive_horizon:
+            made = self._plan_made_s
+            made[step] = now_s
+            if len(made) > _PLANS_REMEMBERED:
+                del made[next(iter(made))]
         self._inflight = [p for p in self._inflight if p.step != step]  # a replan replaces
         self._inflight.append(plan)
         if len(self._inflight) > 8:  # engine not reporting plan steps as expected: bound it
@@ -313,4 +339,29 @@ class Planner:
         rep = self.state.last_report
         ctx_tokens = rep.context_tokens if rep is not None else 0  # last measured; close enough here
         t_iter = self.cost.iteration_time(prefill, min(verify, plan.token_budget), steps, ctx_tokens, verify - len(plan.decode))
-        return max(self.min_horizon_s, self.horizon_iters * t_iter)
+        horizon = max(self.min_horizon_s, self.horizon_iters * t_iter)
+        if self.adaptive_horizon:
+            horizon = max(horizon, min(self.max_horizon_s, _LAG_MARGIN * self.plan_lag_s))
+        return horizon
+
+    def _observe_plan_lag(self, rep: protos.IterationReport) -> None:
+        """Update `plan_lag_s` from one report of a busy engine (the iteration started where
+        the previous one ended): the age, at the iteration's start, of the plan the engine
+        applied or, for an iteration that fell back, of the newest plan made before it started
+        (it had expired or not arrived yet). An iteration after an idle gap is skipped: no plan
+        was needed while idle, so that age says nothing about how late plans arrive."""
+        start, prev_end = rep.start_s, self._lag_prev_end_s
+        self._lag_prev_end_s = rep.end_s
+        if prev_end is None or start - prev_end > self.min_horizon_s:
+            return
+        if rep.plan_step >= 0:
+            made_s = self._plan_made_s.get(rep.plan_step)
+        else:
+            made_s = max((t for t in self._plan_made_s.values() if t <= start), default=None)
+        if made_s is None:
+            return
+        lag = self.plan_lag_s
+        if lag > 0.0:  # decay towards the new sample: a spike counts half after one half-life
+            lag *= 0.5 ** (max(start - self._lag_t, 0.0) / _LAG_HALF_LIFE_S)
+        self.plan_lag_s = max(start - made_s, lag)
+        self._lag_t = start

@@ -30,9 +30,12 @@ _STATS_EVERY_S = 10.0  # period of the INFO stats line
 class PlannerProc:
     """Owns the planner's socket and runs the event loop."""
 
-    def __init__(self, endpoint: str, planner: Planner, policy_name: str = "", busy_poll: bool = False):
+    def __init__(self, endpoint: str, planner: Planner, policy_name: str = "", busy_poll: bool = False,
+                 adapt_horizon: bool = True):
         self.planner = planner
         self.busy_poll = busy_poll
+        self.adapt_horizon = adapt_horizon
+        """Real engines get plans valid for the measured plan lag too (Planner.adaptive_horizon)."""
         planner.defer_upkeep = True  # refits run after the plan is sent, not before
         self.policy_name = policy_name or planner.policy.name
         self.channel = PlannerChannel(endpoint)
@@ -128,6 +131,9 @@ class PlannerProc:
             # Off the critical path only where latency is real; a simulated engine gets the
             # same order as in-process planning (refit, then plan).
             self.planner.defer_upkeep = not self.simulated_clock
+            # A real engine applies a plan whenever it arrives, late when this process waits for
+            # a CPU; a simulated one on a fixed schedule (and its runs reproduce in-process ones).
+            self.planner.adaptive_horizon = self.adapt_horizon and not self.simulated_clock
             self.planner.observe(hello)
             log.info("planner: engine %r (%s) connected, config %s", engine_id, hello.engine, hello.config_hash)
         else:

@@ -231,3 +231,46 @@ def test_lazy_policy_module_missing_is_named(monkeypatch):
     monkeypatch.setitem(base._LAZY, "future_policy", "sidecar.policies.future_policy")
     with pytest.raises(ValueError, match="module sidecar.policies.future_policy does not exist yet"):
         make_policy("future_policy")
+
+
+def _rep(step: int, start: float, end: float, plan_step: int) -> m.IterationReport:
+    return m.IterationReport(step, start, end, plan_step, 0, 1, 0, 0, 90_000, [m.RequestProgress("a", 10, 1)])
+
+
+def test_adaptive_horizon_covers_the_measured_plan_lag(planner):
+    """How old the newest plan was when a busy engine started an iteration (applied, or fallen
+    back because it had expired) stretches later plans' validity; idle gaps don't count."""
+    assert not planner.adaptive_horizon  # in-process (simulator) planning: fixed horizon
+    planner.adaptive_horizon, planner.max_horizon_s = True, 1.0
+    planner.observe(arrived("a", prompt=10))
+    planner.observe(_rep(0, 0.9, 1.0, -1))  # first report: nothing to compare with
+    base = planner.plan(1.0, step=2).valid_until_s - 1.0
+    assert planner.plan_lag_s == 0.0 and base < 0.25
+    planner.observe(_rep(1, 1.0, 1.1, -1))  # fell back, but plan 2 was made at its start: age 0
+    planner.observe(_rep(2, 1.1, 1.2, 2))  # plan 2 applied 0.1 s after it was made
+    assert planner.plan_lag_s == pytest.approx(0.1)
+    planner.observe(_rep(3, 1.2, 1.5, -1))  # busy, no valid plan: the newest (made at 1.0) was 0.2 s old
+    assert planner.plan_lag_s == pytest.approx(0.2)
+    plan = planner.plan(1.5, step=5)
+    assert plan.valid_until_s == pytest.approx(1.5 + 1.25 * 0.2)
+    planner.observe(_rep(4, 3.0, 3.1, 5))  # after an idle gap: plan 5's age is no lag
+    assert planner.plan_lag_s == pytest.approx(0.2)
+    planner.plan(3.1, step=6)
+    planner.observe(_rep(5, 3.1, 3.2, 6))  # fresh plan: the spike decays (half per second)
+    assert planner.plan_lag_s == pytest.approx(0.2 * 0.5 ** (3.1 - 1.2))
+    planner.adaptive_horizon = False
+    fixed = planner.plan(3.2, step=7).valid_until_s - 3.2  # 4 predicted iterations
+    planner.adaptive_horizon, planner.plan_lag_s = True, 5.0
+    assert planner.plan(3.2, step=7).valid_until_s - 3.2 == pytest.approx(1.0)  # capped at max_horizon_s
+    planner.max_horizon_s = fixed / 2  # the cap bounds the adaptive part only
+    assert planner.plan(3.2, step=7).valid_until_s - 3.2 == pytest.approx(fixed)
+
+
+def test_fixed_horizon_ignores_plan_lag(planner):
+    planner.observe(arrived("a", prompt=10))
+    planner.observe(_rep(0, 0.9, 1.0, -1))
+    before = planner.plan(1.0, step=2).valid_until_s - 1.0
+    planner.observe(_rep(1, 1.0, 1.5, -1))
+    planner.observe(_rep(2, 1.5, 2.0, 2))  # applied 0.5 s late: not measured with adaptation off
+    assert planner.plan_lag_s == 0.0
+    assert planner.plan(2.0, step=4).valid_until_s - 2.0 < 0.25 and before < 0.25

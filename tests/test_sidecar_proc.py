@@ -154,6 +154,7 @@ def test_busy_poll_sidecar_plans_and_exits_cleanly():
         (["--policy", "fcfs", "--hardware", "/no/such/profile.yaml"], "cannot read"),
         (["--policy", "fcfs", "--hardware", str(HW), "--set", "chunk_size"], "KEY=VALUE"),
         (["--policy", "fcfs", "--hardware", str(HW), "--set", "bogus=1"], "unknown option"),
+        (["--policy", "fcfs", "--hardware", str(HW), "--horizon-iters", "0"], "must be > 0"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(args, needle):
@@ -185,3 +186,26 @@ def test_burst_of_reports_gets_plans_on_the_newest_state(sidecar):
         seen.append(recv_plan(ch).based_on_step)
     assert seen == sorted(seen) and len(seen) <= 10  # queued reports are drained before planning
     ch.close()
+
+
+def _late_plan_horizon(*extra: str) -> float:
+    """Validity of the plan after an engine (a real one, not 'sim') started an iteration with
+    only a ~0.5 s old plan: seconds past that report's end."""
+    proc, endpoint = start_sidecar("fcfs", *extra)
+    try:
+        ch, _ = connect(endpoint)
+        ch.send(m.Resync(now_s=10.0, step=0, requests=[], kv_free_tokens=50_000))
+        recv_plan(ch)  # made at ~10.0 (engine clock)
+        ch.send(m.IterationReport(1, 10.0, 10.5, -1, 0, 0, 0, 0, 50_000))
+        recv_plan(ch)
+        ch.send(m.IterationReport(2, 10.5, 10.8, -1, 0, 0, 0, 0, 50_000))  # busy, fell back
+        plan = recv_plan(ch)
+        ch.close()
+    finally:
+        stop(proc)
+    return plan.valid_until_s - 10.8
+
+
+def test_plan_validity_adapts_to_plan_lag_unless_fixed_on_the_command_line():
+    assert _late_plan_horizon("--max-horizon-ms", "400") >= 0.4  # capped at 0.4 s (lag ~0.5 s)
+    assert _late_plan_horizon("--max-horizon-ms", "400", "--horizon-iters", "4") < 0.2  # 4 predicted iterations
