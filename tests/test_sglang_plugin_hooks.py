@@ -137,8 +137,11 @@ def test_plan_state_keeps_newest_and_expires():
     ps.apply(PlannerUpdate(plan=make_plan(step=5)))
     ps.apply(PlannerUpdate(plan=make_plan(step=3)))  # late, older plan: ignored
     assert ps.step == 5
+    assert not ps.expired
     ps.apply(PlannerUpdate(expire=True))
-    assert ps.view is None and ps.step == -1
+    assert ps.view is None and ps.step == -1 and ps.expired
+    ps.apply(PlannerUpdate(plan=make_plan(step=6)))
+    assert not ps.expired
 
 
 def _planner(endpoint):
@@ -272,12 +275,90 @@ def test_defer_prefill_follows_plan_else_sglang():
     defer = hooked(Scheduler._should_defer_prefill, hooks.defer_prefill_by_plan, HookType.AROUND)
     from sglang.srt.managers.schedule_batch import ScheduleBatch
 
-    running = ScheduleBatch(reqs=[])
+    running = ScheduleBatch(reqs=[make_req(8, "d")])
     assert defer(sched, running) is False  # no plan: SGLang's rule (interval 0 -> never defer)
+    assert state.fallback == "no_plan"
     state.apply_update(PlannerUpdate(plan=make_plan(prefill={})))
     assert defer(sched, running) is True  # plan says: decode iteration
+    assert state.fallback is None and state.building_plan is state.plan.view
     state.apply_update(PlannerUpdate(plan=make_plan(step=2, prefill={"a": 4})))
     assert defer(sched, running) is False
+    state.apply_update(PlannerUpdate(expire=True))
+    assert defer(sched, running) is False and state.fallback == "expired"
+
+
+def test_decode_only_plan_does_not_idle_an_empty_engine():
+    """Nothing running and no chunk left in the plan: SGLang's rules build this batch (a request
+    that arrived after the plan was made prefills instead of waiting for the next plan)."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    sched = scheduler_shell()
+    state = state_for(sched)
+    defer = hooked(Scheduler._should_defer_prefill, hooks.defer_prefill_by_plan, HookType.AROUND)
+    state.apply_update(PlannerUpdate(plan=make_plan(prefill={}, decisions={"old": Decision.ADMIT})))
+    assert defer(sched, ScheduleBatch(reqs=[])) is False
+    assert state.fallback == "idle" and state.building_plan is None and state.plan_for_build() is None
+    factory = hooked(Scheduler.get_prefill_adder_class, hooks.plan_prefill_adder, HookType.AROUND)(sched)
+    alloc, cache = kv_and_cache()
+    adder = factory(*adder_args(alloc, cache), max_prefill_bs=0, prefill_max_requests=None)
+    new = make_req(20, "new")
+    assert [r.rid for r in run_prefill_pass(adder, [new], cache)] == ["new"]  # SGLang admits it
+    assert state.plan.view is not None  # the plan itself stays in force for the next build
+    assert defer(sched, ScheduleBatch(reqs=[make_req(8, "d")])) is True and state.fallback is None
+
+
+class _Mode:
+    def __init__(self, extend: bool, mixed: bool = False):
+        self.extend, self.mixed = extend, mixed
+
+    def is_extend(self):
+        return self.extend
+
+    def is_mixed(self):
+        return self.mixed
+
+
+class _Launched:
+    """What `after_launch` reads of a launched ScheduleBatch."""
+
+    def __init__(self, reqs, extend=True, riders=()):
+        self.reqs, self.decoding_reqs = list(reqs) + list(riders), list(riders)
+        self.forward_mode = _Mode(extend, mixed=bool(riders))
+        self.forward_iter, self.launch_ts = 1, 100.0
+
+
+def test_a_plans_chunks_run_once_and_its_order_stands():
+    """A plan stays in force until the next one arrives; a chunk that ran is not re-run by it
+    (the planner counted it once), but its order and remaining chunks still apply."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    sched = scheduler_shell()
+    state = state_for(sched)
+    defer = hooked(Scheduler._should_defer_prefill, hooks.defer_prefill_by_plan, HookType.AROUND)
+    running = ScheduleBatch(reqs=[make_req(8, "d")])
+    a, b, d = make_req(40, "a"), make_req(40, "b"), make_req(8, "d")
+    state.apply_update(PlannerUpdate(plan=make_plan(prefill={"a": 16, "b": 8}, decode=["d"])))
+    assert defer(sched, running) is False
+    state.after_launch(_Launched([a], riders=[d]))  # a's chunk ran (d decoded alongside)
+    assert state.plan.view.prefill_tokens == {"b": 8} and state.plan.view.rank == {"a": 0, "b": 1, "d": 2}
+    assert defer(sched, running) is False  # b's chunk is still to run
+    state.after_launch(_Launched([d], extend=False))  # a decode batch: no chunk ran
+    assert state.plan.view.prefill_tokens == {"b": 8}
+    state.after_launch(_Launched([b]))
+    assert defer(sched, running) is True  # all chunks ran: decode until the next plan
+    assert state.plan.view.step == 1 and state.plan.chunks_consumed == 2
+    # A newer plan that arrived after the build is not consumed by the older plan's batch.
+    state.apply_update(PlannerUpdate(plan=make_plan(step=2, prefill={"a": 16})))
+    defer(sched, running)
+    state.apply_update(PlannerUpdate(plan=make_plan(step=3, prefill={"a": 8})))
+    state.after_launch(_Launched([a]))
+    assert state.plan.view.prefill_tokens == {"a": 8}
+
+
+def test_no_chunk_is_consumed_without_a_plan():
+    ps = PlanState()
+    ps.consume(["a"])
+    assert ps.view is None and ps.chunks_consumed == 0
 
 
 # ------------------------------------------------------------------ admission, chunks, budget

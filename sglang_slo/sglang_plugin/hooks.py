@@ -50,7 +50,7 @@ def plan_prefill_adder(original, self):
     base = original(self)
     if base is not SloPrefillAdder.__mro__[1]:  # someone else customised the adder: keep theirs
         return base
-    return SloPrefillAdder.bind(self.slo_state.plan.view)
+    return SloPrefillAdder.bind(self.slo_state.plan_for_build())
 
 
 def order_queue_by_plan(original, self, waiting_queue, running_batch=None, processed_tokens=0):
@@ -60,13 +60,12 @@ def order_queue_by_plan(original, self, waiting_queue, running_batch=None, proce
     original(self, waiting_queue, running_batch, processed_tokens)
     state = current_state()
     if state is not None:
-        order_waiting_queue(waiting_queue, state.plan.view, state.edf_fallback)
+        order_waiting_queue(waiting_queue, state.plan_for_build(), state.edf_fallback)
 
 
 def remember_plan_of_batch(result, self, batch, pp_proxy_tensors=None):
-    """AFTER Scheduler.run_batch (rank 0): which plan built the launched batch."""
-    if self.slo_state.leader():
-        self.slo_state.note_launch(batch)
+    """AFTER Scheduler.run_batch: the plan's chunks that ran are used up; (rank 0) which plan built it."""
+    self.slo_state.after_launch(batch)
 
 
 def report_iteration(result, self, batch, batch_result):

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use an already running planner at this ZMQ endpoint instead of starting one")
     p.add_argument("--planner-set", action="append", default=[], metavar="KEY=VALUE",
                    help="policy config override passed to the sidecar (--set), repeatable")
+    p.add_argument("--planner-horizon-iters", type=float, default=None, metavar="N",
+                   help="plans stay valid for N predicted iterations (sidecar --horizon-iters; default: "
+                        "adapted to the measured plan lag)")
     p.add_argument("--no-planner", action="store_true",
                    help="start no planner: the plugin attaches SLOs but SGLang schedules on its own")
     p.add_argument("--edf-fallback", action="store_true",
@@ -152,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
                 print("sglang-slo serve: --hardware PROFILE.yaml is required to start the planner", file=sys.stderr)
                 return 2
             extra = [a for kv in args.planner_set for a in ("--set", kv)]
+            if args.planner_horizon_iters is not None:
+                extra += ["--horizon-iters", str(args.planner_horizon_iters)]
             supervisor = SidecarSupervisor(endpoint, args.policy, args.hardware, extra_args=extra,
                                            log_path=args.sidecar_log)
             supervisor.start()

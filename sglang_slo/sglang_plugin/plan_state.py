@@ -71,23 +71,52 @@ class PlanView:
         """Whether this iteration should build a prefill batch at all."""
         return bool(self.prefill_tokens)
 
+    def without_chunks(self, rids) -> PlanView:
+        """This plan with the prefill chunks of `rids` taken out (they ran); order and
+        decisions stay."""
+        left = {rid: n for rid, n in self.prefill_tokens.items() if rid not in rids}
+        return dataclasses.replace(self, prefill_tokens=left)
+
 
 class PlanState:
-    """The scheduler's current plan (or none: SGLang's own behaviour applies)."""
+    """The scheduler's current plan (or none: SGLang's own behaviour applies).
+
+    A plan is for one iteration, but stays in force until a newer one arrives or it expires
+    (the planner's reply to the next report is usually an iteration or more away). Its prefill
+    chunks are one-shot: once a launched batch ran a request's planned chunk, `consume` takes
+    it out, so an iteration that reuses the plan does not prefill that request again (the
+    planner counted the chunk once; the next chunk is the next plan's call). The plan's
+    order, decisions, budget and speculation depth stand until it is replaced or expires.
+    """
 
     def __init__(self) -> None:
         self.view: PlanView | None = None
         self.plans_applied = 0
         self.plans_expired = 0
+        self.expired = False
+        """The last plan expired (as opposed to no plan ever received)."""
+        self.chunks_consumed = 0
 
     def apply(self, update: PlannerUpdate) -> None:
         """Install a newer plan and/or expire the current one (same effect on every rank)."""
         if update.plan is not None and (self.view is None or update.plan.step >= self.view.step):
             self.view = PlanView.of(update.plan)
             self.plans_applied += 1
+            self.expired = False
         elif update.expire and self.view is not None:
             self.view = None
             self.plans_expired += 1
+            self.expired = True
+
+    def consume(self, rids) -> None:
+        """The current plan's chunks for `rids` ran in a launched batch: not again under this plan."""
+        view = self.view
+        if view is None:
+            return
+        done = [rid for rid in rids if rid in view.prefill_tokens]
+        if done:
+            self.view = view.without_chunks(done)
+            self.chunks_consumed += len(done)
 
     @property
     def step(self) -> int:

@@ -29,7 +29,9 @@ from protos.messages import (
     SpecMode,
 )
 
-from sglang_slo.sglang_plugin.iteration_report import build_report, finish_reason_of, note_first_tokens
+from sglang_slo.sglang_plugin.iteration_report import (
+    build_report, decoders_in_mixed, finish_reason_of, note_first_tokens,
+)
 from sglang_slo.sglang_plugin.plan_state import PlannerUpdate, PlanState, PlanView
 from sglang_slo.sglang_plugin.planner_link import PlannerLink
 from sglang_slo.sglang_plugin.request_slo import attach_slo, load_catalog, req_slo
@@ -83,8 +85,10 @@ class SloSchedulerState:
         self._valid_until_s = float("inf")  # rank 0: expiry of the plan in force
         self._expire_sent = True
         self._last_sweep_s = 0.0
-        self.plan_of_launch: dict[int, tuple[PlanView | None, int]] = {}  # forward_iter -> (plan, draft depth)
-        self.building_plan: PlanView | None = None  # plan in force while the next batch is built
+        # forward_iter -> (plan, draft depth, why no plan built it)
+        self.plan_of_launch: dict[int, tuple[PlanView | None, int, str | None]] = {}
+        self.building_plan: PlanView | None = None  # plan the next batch is built under (None: SGLang's rules)
+        self.fallback: str | None = None  # why the batch being built has no plan: no_plan / expired / idle
         self.last_launch_s = 0.0  # launch time of the newest batch (engine clock)
         self._report_log = _open_log(os.environ.get(REPORT_LOG_ENV))
         self.reports_sent = 0
@@ -147,19 +151,45 @@ class SloSchedulerState:
                 req.priority = lowest
 
     def should_defer_prefill(self, original, running_batch) -> bool:
-        """The plan's prefill-or-decode choice; SGLang's own rule when no plan rules."""
+        """The plan's prefill-or-decode choice; SGLang's own rule when no plan rules.
+
+        Decides, once per batch build, which plan the build follows (`building_plan`; the
+        prefill adder and the queue order read `plan_for_build()`). A plan with no chunks left
+        while nothing runs would idle the engine: nothing to decode, and requests it does not
+        know of (they arrived after it was made) may not prefill. That build follows SGLang's
+        rules instead.
+        """
         view = self.plan.view
+        if view is None:
+            self.fallback = "expired" if self.plan.expired else "no_plan"
+        elif not view.wants_prefill() and (running_batch is None or running_batch.is_empty()):
+            view, self.fallback = None, "idle"
+        else:
+            self.fallback = None
         self.building_plan = view
         if view is None:
             return original(self.scheduler, running_batch)
         return not view.wants_prefill()
+
+    def plan_for_build(self):
+        """The plan the prefill adder and the queue order follow (None: SGLang's rules)."""
+        return None if self.fallback == "idle" else self.plan.view
+
+    def after_launch(self, batch) -> None:
+        """Every rank, right after `run_batch`: the plan's chunks that ran are used up."""
+        view = self.building_plan
+        if view is not None and view is self.plan.view and batch.forward_mode.is_extend():
+            riders = decoders_in_mixed(batch)
+            self.plan.consume([r.rid for r in batch.reqs if id(r) not in riders])
+        if self.leader():
+            self.note_launch(batch)
 
     def note_launch(self, batch) -> None:
         """Remember which plan built the batch SGLang just launched, and the depth it drafted with.
 
         Runs right after `run_batch`: the worker has activated this batch's depth tier by then.
         """
-        self.plan_of_launch[batch.forward_iter] = (self.building_plan, self._current_depth())
+        self.plan_of_launch[batch.forward_iter] = (self.building_plan, self._current_depth(), self.fallback)
         self.last_launch_s = float(batch.launch_ts or self.clock())
 
     # ---------------------------------------------------------------- rank 0
@@ -201,7 +231,7 @@ class SloSchedulerState:
         sched = self.scheduler
         if self.link is None:
             return
-        plan, depth = self.plan_of_launch.pop(batch.forward_iter, (None, 0))
+        plan, depth, fallback = self.plan_of_launch.pop(batch.forward_iter, (None, 0, "no_plan"))
         # Iteration end = the next batch's launch when SGLang's overlap loop already launched it
         # (this result is processed one launch late; on CPU the forward runs inside the launch),
         # else now: the planner's cost model then sees launch-to-launch periods, not two forwards.
@@ -221,14 +251,15 @@ class SloSchedulerState:
         if self.link.send(report, now):
             self.reports_sent += 1
         if self._report_log is not None:
-            self._log_iteration(report, batch, plan)
+            self._log_iteration(report, batch, plan, fallback)
         for req in batch.reqs:
             if req.finished() and req.rid in self.tracked:
                 self._finish(req, finish_reason_of(req), now)
 
-    def _log_iteration(self, report, batch, plan: PlanView | None) -> None:
+    def _log_iteration(self, report, batch, plan: PlanView | None, fallback: str | None) -> None:
         line = {
             "step": report.step, "plan_step": report.plan_step, "start_s": report.start_s, "end_s": report.end_s,
+            "fallback": fallback,
             "mode": _mode(batch),
             "prefill": {p.rid: p.prefill_tokens for p in report.progress if p.prefill_tokens},
             "rids": [p.rid for p in report.progress], "waiting": report.waiting,

@@ -5,8 +5,9 @@ mixed forward, default scheduler and plugin alike): how many, their size, and ho
 decoders each one made wait (without mixed chunks a prefill forward runs no decode step).
 
 `plan_effects(iteration_lines)`: the plugin's per-iteration JSON lines (SGLANG_SLO_REPORT_LOG):
-how many iterations ran under a plan, how many decoded while requests waited because the plan
-chose decode, how many prompts the plan split into several chunks, and whether every prefill
+how many iterations ran under a plan (and why the others fell back to SGLang: no plan yet,
+the plan expired, or the plan had nothing left while the engine would idle), how many decoded
+while requests waited because the plan chose decode, how many prompts the plan split into several chunks, and whether every prefill
 stayed inside its plan (admitted set and chunk sizes).
 """
 
@@ -54,6 +55,8 @@ def plan_effects(iterations: Iterable[dict]) -> dict:
     return {
         "iterations": len(its),
         "under_plan": len(planned),
+        "fallback_fraction": round(1 - len(planned) / len(its), 3) if its else None,
+        "fallback_by_reason": dict(Counter(it.get("fallback") or "?" for it in its if it["plan_step"] < 0)),
         "prefill_iterations": sum(it["mode"] != "decode" for it in its),
         "mixed_iterations": sum(it["mode"] == "mixed" for it in its),
         "decode_while_waiting_by_plan": sum(it["mode"] == "decode" and it["waiting"] > 0 for it in planned),
