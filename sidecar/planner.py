@@ -66,6 +66,13 @@ class Planner:
         """end_s of the previous report (an idle gap before an iteration is not plan lag)."""
         self._lag_t = 0.0
         """Engine time of the last `plan_lag_s` update."""
+        self.plans_apply_late = False
+        """True: the engine applies a plan when it arrives, which can be a step after the one
+        it was made for (SGLang on CPU: the forward of step k + 1 is over before report k is
+        even sent, so plan k + 2 arrives during k + 2 and runs in k + 3); the reports' plan_step
+        tells which plan ran. The sidecar turns it on for real engines."""
+        self._applied_step = -1
+        """Newest plan step an engine report said it applied (plans_apply_late)."""
         self.skipped_unknown = 0
         """Messages about rids the planner does not know (logged, skipped)."""
         self.enforce_contract = True
@@ -146,7 +153,7 @@ class Planner:
         if not self.defer_upkeep:
             self._learn_verifies()
         self.cost.observe(rep, defer_refit=self.defer_upkeep)
-        self._project_inflight(rep.step)
+        self._project_inflight(self._projection_floor(rep))
 
     def _project_inflight(self, step: int) -> None:
         """Count prefill chunks of plans for steps after `step` as done: the engine is running
@@ -170,6 +177,16 @@ class Planner:
                         req.prefilled += n
                         self.state.kv_free_tokens -= n
 
+    def _projection_floor(self, rep: protos.IterationReport) -> int:
+        """Plans for steps after this one may still run. With `plans_apply_late`, a plan for
+        the reported step that the engine has not applied yet (it applied an older one, its
+        reply came late) may run in the next step, so its chunks keep counting one step more."""
+        if not self.plans_apply_late:
+            return rep.step
+        if rep.plan_step > self._applied_step:
+            self._applied_step = rep.plan_step
+        return rep.step - 1 if self._applied_step < rep.step else rep.step
+
     def _resync(self, msg: protos.Resync) -> None:
         st = PlannerState(limits=self.state.limits, engine=self.state.engine, spec_modes=self.state.spec_modes)
         st.now_s, st.step, st.kv_free_tokens = msg.now_s, msg.step, msg.kv_free_tokens
@@ -186,6 +203,7 @@ class Planner:
             self.acceptance.register(req.rid, req.slo.slo_class)
         self.state = st
         self._inflight.clear()
+        self._applied_step = -1
         self.policy.reset()
 
     def _skip(self, rid: str, what: str) -> None:

@@ -134,6 +134,7 @@ class PlannerProc:
             # A real engine applies a plan whenever it arrives, late when this process waits for
             # a CPU; a simulated one on a fixed schedule (and its runs reproduce in-process ones).
             self.planner.adaptive_horizon = self.adapt_horizon and not self.simulated_clock
+            self.planner.plans_apply_late = not self.simulated_clock
             self.planner.observe(hello)
             log.info("planner: engine %r (%s) connected, config %s", engine_id, hello.engine, hello.config_hash)
         else:

@@ -274,3 +274,30 @@ def test_fixed_horizon_ignores_plan_lag(planner):
     planner.observe(_rep(2, 1.5, 2.0, 2))  # applied 0.5 s late: not measured with adaptation off
     assert planner.plan_lag_s == 0.0
     assert planner.plan(2.0, step=4).valid_until_s - 2.0 < 0.25 and before < 0.25
+
+
+def test_a_plan_applied_a_step_late_keeps_its_chunk_projected(planner):
+    """SGLang on CPU runs plan k + 2 in step k + 3 (its reply arrives during k + 2): the
+    report of step k + 2 says it ran plan k + 1, so plan k + 2's chunk is still coming and
+    the next plan must not schedule the same tokens again. Without plans_apply_late it is
+    rolled back at that report (the simulator's schedule: plan k + 2 runs in step k + 2)."""
+    def run(late: bool) -> list:
+        p = Planner.create("fcfs", HW, chunk_size=512, spec_k=2)
+        p.observe(hello())
+        p.plans_apply_late = late
+        p.observe(arrived("a", prompt=2000))
+        p.observe(report(0, 0.01, plan_step=-1))
+        assert [(c.rid, c.tokens) for c in p.plan(0.01).prefill] == [("a", 512)]  # plan 2
+        p.observe(report(1, 0.03, plan_step=-1))
+        p.plan(0.03)  # plan 3: a's next 512, on top of plan 2's chunk
+        p.observe(report(2, 0.05, plan_step=1))  # step 2 ran an older plan; plan 2 runs in step 3
+        return [p.state.requests["a"].prefilled, [(c.rid, c.tokens) for c in p.plan(0.05).prefill]]
+
+    assert run(late=True) == [1024, [("a", 512)]]  # plans 2 and 3 in flight: plan 4 takes tokens 1024-1535
+    assert run(late=False) == [512, [("a", 512)]]  # only plan 3 counts: plan 4 re-plans tokens 512-1023
+    p = Planner.create("fcfs", HW)
+    p.observe(hello())
+    p.plans_apply_late = True
+    p.observe(report(5, 0.01, plan_step=5))  # applied on time: plan 5 is reported, nothing kept
+    assert p._projection_floor(report(6, 0.02, plan_step=6)) == 6
+    assert p._projection_floor(report(7, 0.03, plan_step=-1)) == 6  # fallback step: plan 7 may still run
