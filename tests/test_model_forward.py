@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -87,6 +89,20 @@ def test_bf16_forward_close_to_fp32(pair):
     assert got.dtype == torch.float32
     assert (got - ref[0]).abs().max() < 0.1 * ref.abs().max()
     assert (got.argmax(-1) == ref[0].argmax(-1)).float().mean() > 0.8
+
+
+def test_linear_weights_are_column_major_after_load_and_casts(pair):
+    """HF shapes, column-major storage (`model.gemm_layout`), kept by dtype casts; a tied
+    embedding stays row-major."""
+    _, ours, _ = pair
+    for model in (ours, copy.deepcopy(ours).to(torch.float64)):
+        for name, p in model.named_parameters():
+            if p.dim() != 2:
+                continue
+            if name == "model.embed_tokens.weight":
+                assert p.is_contiguous(), name
+            else:
+                assert p.stride() == (1, p.shape[0]), name
 
 
 def test_save_load_round_trip_loads_in_transformers(pair, tmp_path):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sglang_slo.engine.decode_kv import DecodeKV, DenseStep
 from sglang_slo.engine.kv_cache import KVCache, blocks_needed
 
 
@@ -75,6 +76,9 @@ class AttentionBatch:
     context_lens: list[int]       # per sequence
     groups: list[AttentionGroup]
     identity_order: bool          # one group, no padding, rows in flat order
+    dense: DenseStep | None = None
+    """Pure decode only: attend over this dense copy of the keys instead of gathering them
+    (`decode_kv.py`); `groups` is then empty."""
 
     @property
     def num_tokens(self) -> int:
@@ -173,6 +177,24 @@ def decode_step_batch(slots: torch.Tensor, context_lens: list[int]) -> Attention
                           context_lens=list(context_lens), groups=[group], identity_order=True)
 
 
+def decode_batch(block_tables: Sequence[Sequence[int]], context_lens: list[int], block_size: int,
+                 decode_kv: DecodeKV, rids: tuple, device: str | torch.device = "cpu") -> AttentionBatch:
+    """Batch of one new token per sequence at position `context_lens[i]` (plain decode),
+    attending over `decode_kv`'s dense copy (rows in `rids` order); the metadata of
+    `decode_step_batch` if the copy is too big. Python over B ints plus ~4 small tensor ops."""
+    b = len(context_lens)
+    new = [t[c // block_size] * block_size + c % block_size for t, c in zip(block_tables, context_lens)]
+    ctx = torch.tensor(context_lens, dtype=torch.int64, device=device)  # [B]
+    n_k = max(context_lens) + 1
+    dense = decode_kv.step(rids, context_lens, ctx,
+                           lambda: position_slots(block_tables, n_k, block_size, device))
+    if dense is None:
+        return decode_step_batch(position_slots(block_tables, n_k, block_size, device), context_lens)
+    return AttentionBatch(slot_mapping=torch.tensor(new, dtype=torch.int64, device=device), positions=ctx,
+                          query_starts=list(range(b)), query_lens=[1] * b,
+                          context_lens=list(context_lens), groups=[], identity_order=True, dense=dense)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
                     kv: KVCache, layer: int, scale: float) -> torch.Tensor:
     """Write new K/V to the cache, then attend.
@@ -180,9 +202,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: At
     q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]. Returns [T, heads * head_dim].
     """
     kv.write(layer, batch.slot_mapping, k, v)
-    k_cache, v_cache = kv.layer_slots(layer)  # [slots, kv_heads, head_dim]
     num_heads, head_dim = q.shape[1], q.shape[2]
     gqa = num_heads != k.shape[1]
+    if batch.dense is not None:
+        return _decode_kv_attention(q, k, v, batch, layer, scale, gqa)
+    k_cache, v_cache = kv.layer_slots(layer)  # [slots, kv_heads, head_dim]
     outs = []
     for g in batch.groups:
         # index_select on flat indices: several times cheaper on CPU than 2-D advanced indexing
@@ -205,6 +229,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: At
     for g, og in zip(batch.groups, outs):
         out.index_copy_(0, g.flat_rows, og.index_select(0, g.out_rows))
     return out
+
+
+def _decode_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
+                         layer: int, scale: float, gqa: bool) -> torch.Tensor:
+    """One query per sequence (q [B, heads, head_dim]) over `batch.dense`: no gather."""
+    d = batch.dense
+    d.write(layer, k, v)
+    kg, vg = d.keys(layer)  # [B, kv_heads, n_k, head_dim]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kg.to(q.dtype), vg.to(q.dtype),
+                                       attn_mask=d.mask, scale=scale, enable_gqa=gqa)
+    return o.reshape(q.shape[0], -1)  # [B, heads, 1, head_dim] -> [B, heads * head_dim]
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
