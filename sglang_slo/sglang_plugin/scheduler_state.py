@@ -82,6 +82,7 @@ class SloSchedulerState:
         self._is_leader: bool | None = None  # resolved on first use (the rank is known by then)
         self._tp_size: int | None = None
         self.shared_now_s: float | None = None  # rank 0's clock, from the last broadcast (TP > 1)
+        self._unanchored: list = []  # TP > 1: Reqs received this pass, anchored on this pass's clock
         self._valid_until_s = float("inf")  # rank 0: expiry of the plan in force
         self._expire_sent = True
         self._last_sweep_s = 0.0
@@ -104,11 +105,20 @@ class SloSchedulerState:
         if err is not None:
             req.set_finish_with_abort(err, status_code=HTTPStatus.BAD_REQUEST)
             return
+        if self.tp_size() > 1:
+            self._unanchored.append(req)
         if self.endpoint is not None and self.leader():
             self._arrivals.append(req)  # announced by the next poll (max_new_tokens is set by then)
 
     def _arrival_clock(self) -> float:
-        """Arrival stamp: this rank's clock with TP = 1, else rank 0's last broadcast clock."""
+        """Arrival stamp: this rank's clock with TP = 1, else rank 0's last broadcast clock.
+
+        With TP > 1 that stamp is provisional: rank 0's clock of the pass that received the
+        request rides the same broadcast, after the requests (SGLang appends rank 0's local
+        list to the pulled ones), and `apply_update` re-anchors this pass's arrivals on it.
+        The last broadcast clock alone is one loop pass old, i.e. from before the previous
+        forward (8-53 ms early on the CPU TP=2 test server).
+        """
         if self.tp_size() > 1 and self.shared_now_s is not None:
             return self.shared_now_s
         return self.clock()
@@ -134,6 +144,9 @@ class SloSchedulerState:
         """Dispatcher handler (every rank, same order): install/expire the plan, apply shedding."""
         if update.now_s is not None:
             self.shared_now_s = update.now_s
+            for req in self._unanchored:  # received in this pass: rank 0 polled just before the pull
+                req_slo(req).arrival_s = update.now_s
+            self._unanchored.clear()
         self.plan.apply(update)
         if update.plan is not None:
             self._shed(update.plan.decisions)
@@ -200,7 +213,7 @@ class SloSchedulerState:
         out: list = []
         if self.endpoint is None:
             self._arrivals.clear()
-            return out
+            return self._with_shared_clock(out, now)  # no planner: arrival stamps must still agree
         if self.link is None:
             self.link = PlannerLink(self.endpoint, self._hello, self._resync)
         plan = self.link.poll(now)
@@ -216,7 +229,16 @@ class SloSchedulerState:
         if now - self._last_sweep_s >= SWEEP_S:
             self._last_sweep_s = now
             self._sweep_gone(now)
-        if self.tp_size() > 1:  # rank-consistent arrival stamps (see _arrival_clock)
+        return self._with_shared_clock(out, now)
+
+    def _with_shared_clock(self, out: list, now: float) -> list:
+        """TP > 1: rank 0's clock rides every broadcast, planner or not (see `_arrival_clock`).
+
+        Without it every rank stamps arrivals with its own clock read (ranks dispatch the same
+        request up to milliseconds apart), so deadline order (EDF fallback) could differ
+        between ranks and so would the batches they build.
+        """
+        if self.tp_size() > 1:
             if out and isinstance(out[0], PlannerUpdate):
                 out[0].now_s = now
             else:
