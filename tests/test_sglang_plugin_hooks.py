@@ -266,6 +266,42 @@ def test_restarted_planner_at_same_endpoint_gets_a_new_handshake():
         planner.close()
 
 
+def test_iteration_log_has_one_json_line_per_report_matching_what_the_planner_got(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    log_path = tmp_path / "iterations.jsonl"
+    monkeypatch.setenv("SGLANG_SLO_REPORT_LOG", str(log_path))
+    endpoint, planner, state, clock, poll, sched = _welcomed_link("test-plugin-log")
+    try:
+        _recv(planner, Resync)
+        a, b = make_req(30, "a"), make_req(20, "b")
+        a.output_ids.extend([5, 6])
+        b.output_ids.append(7)
+        sent = []
+        for it, (mode, reqs) in enumerate([(ForwardMode.EXTEND, [b]), (ForwardMode.DECODE, [a, b])]):
+            batch = ScheduleBatch(reqs=reqs, forward_mode=mode, extend_lens=[20], prefix_lens=[0])
+            batch.forward_iter, batch.launch_ts = it, clock.t
+            state.note_launch(batch)
+            clock.t += 0.003
+            state.report(batch, SimpleNamespace())
+            sent.append(_recv(planner, IterationReport)[1])
+        lines = log_path.read_bytes().decode().splitlines()
+        assert len(lines) == 2
+        got = [json.loads(x) for x in lines]
+        assert [g["step"] for g in got] == [r.step for r in sent] == [1, 2]
+        assert [g["mode"] for g in got] == ["prefill", "decode"]
+        assert got[0]["prefill"] == {"b": 20} and got[1]["prefill"] == {}
+        assert got[1]["rids"] == ["a", "b"] and got[1]["plan_prefill"] is None and got[1]["plan_step"] == -1
+        assert [(g["start_s"], g["end_s"]) for g in got] == [(r.start_s, r.end_s) for r in sent]
+        assert got[1]["kv_free"] == sent[1].kv_free_tokens == 4096 and got[1]["link_up"] is True
+    finally:
+        state.link.close()
+        planner.close()
+
+
 # ------------------------------------------------------------------ prefill-or-decode
 
 

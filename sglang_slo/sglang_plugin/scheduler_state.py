@@ -10,12 +10,13 @@ Engine clock: `time.monotonic()` seconds (the clock of SGLang's `batch.launch_ts
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from http import HTTPStatus
+
+import msgspec
 
 from protos.messages import (
     PROTOCOL_VERSION,
@@ -42,6 +43,7 @@ PLANNER_ENV = "SGLANG_SLO_PLANNER"  # planner endpoint (ipc://... or tcp://...);
 EDF_ENV = "SGLANG_SLO_EDF_FALLBACK"  # "1": order the queue by deadline when no plan rules
 REPORT_LOG_ENV = "SGLANG_SLO_REPORT_LOG"  # path: append one JSON line per iteration (evidence, tests)
 SWEEP_S = 0.5  # seconds between scans for requests that left without a batch result
+_LOG_LINE = msgspec.json.Encoder()  # iteration log lines (~10x cheaper than json.dumps)
 
 _current: SloSchedulerState | None = None
 
@@ -293,8 +295,7 @@ class SloSchedulerState:
             "kv_unused": int(self.scheduler.token_to_kv_pool_allocator.available_size()),  # without evictable
             "link_up": bool(self.link and self.link.up),
         }
-        self._report_log.write(json.dumps(line) + "\n")
-        self._report_log.flush()
+        self._report_log.write(_LOG_LINE.encode(line) + b"\n")  # one unbuffered append per line
 
     def _announce_arrivals(self, now: float) -> None:
         for req in self._arrivals:
@@ -425,7 +426,7 @@ def kv_free_tokens(sched) -> int:
 
 
 def _open_log(path: str | None):
-    return open(path, "a", buffering=1) if path else None
+    return open(path, "ab", buffering=0) if path else None
 
 
 def _depth_tiers() -> list[int]:
