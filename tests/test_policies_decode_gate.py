@@ -38,6 +38,17 @@ def test_gate_skips_a_big_candidate_but_takes_a_smaller_later_one_and_honours_it
     assert admit_decodes(COST, load, 1.0, 0.0, [GateCandidate(4, 2000, t0 * 0.9)]) == [False]
 
 
+def test_a_candidate_whose_own_pace_no_batch_keeps_is_held_to_the_batch_pace_only():
+    load = GateLoad(nodes=400, seqs=100, context=100 * 2000, steps=3)
+    t_with = COST.iteration_time(0, 404, 3, 202_000, 303)  # the batch with the candidate
+    t_alone = COST.iteration_time(0, 4, 3, 2000, 3)  # the candidate alone
+    hopeless = GateCandidate(4, 2000, t_alone * 0.5)  # not even alone: declining cannot save it
+    assert admit_decodes(COST, load, t_with * 1.01, 0.0, [hopeless]) == [True]
+    assert admit_decodes(COST, load, t_with * 0.99, 0.0, [hopeless]) == [False]  # the others' pace binds
+    savable = GateCandidate(4, 2000, (t_alone + t_with) / 2)  # keeps pace alone, not in this batch
+    assert admit_decodes(COST, load, t_with * 1.01, 0.0, [savable]) == [False]
+
+
 def test_arrival_rate_decays_to_the_window_average():
     a = ArrivalRate(window_s=2.0)
     for i in range(2000):  # 100 tokens every 10 ms = 10k tokens/s

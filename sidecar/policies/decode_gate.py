@@ -54,12 +54,17 @@ def admit_decodes(cost, load: GateLoad, t_allow_s: float, duty: float,
     """Which candidates (in the given order) keep the projected iteration, stretched by the
     prefill duty, within the tightest pace of the batch and of the candidates admitted so far
     (t_allow_s: the current decoders' tightest E_i * tpot_i, already with any safety share).
-    A candidate that does not fit is skipped; a later, smaller one may still fit."""
+    A candidate that does not fit is skipped; a later, smaller one may still fit. A candidate
+    whose own pace no batch could keep (not even one of it alone) is held to the others' pace
+    only: declining it would not save it, just idle its share of the engine."""
     nodes, seqs, ctx = load.nodes, load.seqs, load.context
     limit = t_allow_s
     out = []
     for c in candidates:
-        lim_c = limit if limit < c.pace_s else c.pace_s
+        lim_c = limit
+        if c.pace_s < limit and pace_limit(cost.iteration_time(0, c.nodes, load.steps, c.context, c.nodes - 1),
+                                           duty) <= c.pace_s:
+            lim_c = c.pace_s
         n, s, x = nodes + c.nodes, seqs + 1, ctx + c.context
         t = pace_limit(cost.iteration_time(0, n, load.steps, x, n - s), duty)
         ok = t <= lim_c
