@@ -47,6 +47,11 @@ def test_a_candidate_whose_own_pace_no_batch_keeps_is_held_to_the_batch_pace_onl
     assert admit_decodes(COST, load, t_with * 0.99, 0.0, [hopeless]) == [False]  # the others' pace binds
     savable = GateCandidate(4, 2000, (t_alone + t_with) / 2)  # keeps pace alone, not in this batch
     assert admit_decodes(COST, load, t_with * 1.01, 0.0, [savable]) == [False]
+    # A batch pace below the engine's floor (an iteration of 4 tokens, no context): no batch
+    # keeps it, so it does not hold newcomers back; a huge one still cannot join a keepable pace.
+    floor = COST.iteration_time(0, 4, 3, 0, 3)
+    assert admit_decodes(COST, load, floor * 0.9, 0.0, [GateCandidate(4, 2000, 1.0)]) == [True]
+    assert admit_decodes(COST, load, floor * 1.5, 0.0, [GateCandidate(4, 2_000_000, 1.0)]) == [False]
 
 
 def test_arrival_rate_decays_to_the_window_average():

@@ -54,15 +54,17 @@ def admit_decodes(cost, load: GateLoad, t_allow_s: float, duty: float,
     """Which candidates (in the given order) keep the projected iteration, stretched by the
     prefill duty, within the tightest pace of the batch and of the candidates admitted so far
     (t_allow_s: the current decoders' tightest E_i * tpot_i, already with any safety share).
-    A candidate that does not fit is skipped; a later, smaller one may still fit. A candidate
-    whose own pace no batch could keep (not even one of it alone) is held to the others' pace
-    only: declining it would not save it, just idle its share of the engine."""
+    A candidate that does not fit is skipped; a later, smaller one may still fit. A pace no
+    batch could keep is no constraint: the batch's when even an iteration of the candidate's
+    tokens without any context exceeds it (the engine's floor), the candidate's own when even
+    it alone exceeds it. Declining then would save no one, just idle the engine."""
     nodes, seqs, ctx = load.nodes, load.seqs, load.context
     limit = t_allow_s
     out = []
     for c in candidates:
-        lim_c = limit
-        if c.pace_s < limit and pace_limit(cost.iteration_time(0, c.nodes, load.steps, c.context, c.nodes - 1),
+        t_floor = pace_limit(cost.iteration_time(0, c.nodes, load.steps, 0, c.nodes - 1), duty)
+        lim_c = limit if t_floor <= limit else math.inf
+        if c.pace_s < lim_c and pace_limit(cost.iteration_time(0, c.nodes, load.steps, c.context, c.nodes - 1),
                                            duty) <= c.pace_s:
             lim_c = c.pace_s
         n, s, x = nodes + c.nodes, seqs + 1, ctx + c.context
@@ -70,7 +72,7 @@ def admit_decodes(cost, load: GateLoad, t_allow_s: float, duty: float,
         ok = t <= lim_c
         out.append(ok)
         if ok:
-            nodes, seqs, ctx, limit = n, s, x, lim_c
+            nodes, seqs, ctx, limit = n, s, x, min(limit, c.pace_s)  # the tightest pace in the batch
     return out
 
 
