@@ -36,7 +36,7 @@ class PlannerProc:
         self.busy_poll = busy_poll
         self.adapt_horizon = adapt_horizon
         """Real engines get plans valid for the measured plan lag too (Planner.adaptive_horizon)."""
-        planner.defer_upkeep = True  # refits run after the plan is sent, not before
+        planner.defer_upkeep = True  # acceptance updates and refits run after the plan is sent
         self.policy_name = policy_name or planner.policy.name
         self.channel = PlannerChannel(endpoint)
         self.endpoint = self.channel.endpoint

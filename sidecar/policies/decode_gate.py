@@ -60,9 +60,12 @@ def admit_decodes(cost, load: GateLoad, t_allow_s: float, duty: float,
     it alone exceeds it. Declining then would save no one, just idle the engine."""
     nodes, seqs, ctx = load.nodes, load.seqs, load.context
     limit = t_allow_s
+    floors: dict[int, float] = {}  # candidate nodes -> the engine's floor (candidates share sizes)
     out = []
     for c in candidates:
-        t_floor = pace_limit(cost.iteration_time(0, c.nodes, load.steps, 0, c.nodes - 1), duty)
+        t_floor = floors.get(c.nodes)
+        if t_floor is None:
+            t_floor = floors[c.nodes] = pace_limit(cost.iteration_time(0, c.nodes, load.steps, 0, c.nodes - 1), duty)
         lim_c = limit if t_floor <= limit else math.inf
         if c.pace_s < lim_c and pace_limit(cost.iteration_time(0, c.nodes, load.steps, c.context, c.nodes - 1),
                                            duty) <= c.pace_s:
