@@ -134,6 +134,10 @@ class EngineHello(_Wire, tag="hello"):
     """Hash of the engine's model + SLO-class config; the planner logs it and may refuse."""
     clock_s: float = 0.0
     """Engine clock at send time, seconds (lets a planner check clock agreement)."""
+    mixed_forward: bool = True
+    """Whether one forward can carry prefill chunks and running requests' decode tokens
+    together. False (SGLang without --enable-mixed-chunk): a forward with prefill runs no
+    decode step, so every running decoder waits out the whole prefill forward."""
 
 
 class PlannerWelcome(_Wire, tag="welcome"):
@@ -290,6 +294,11 @@ class Plan(_Wire, tag="plan"):
     """How long the planner took to compute this plan."""
     based_on_step: int = -1
     """Last `IterationReport.step` the planner had seen when planning."""
+    arrival_tokens: int = 0
+    """Prompt tokens of requests that arrived after this plan was made (the planner has not
+    seen them) the engine may prefill at once, its own way, while the plan is in force; 0 =
+    they wait for a plan that knows them. Lets a fresh arrival skip the plan pipeline's lag
+    when the planner judged the running decoders can absorb a prefill now."""
 
 
 Message = EngineHello | PlannerWelcome | RequestArrived | IterationReport | RequestFinished | Resync | Plan

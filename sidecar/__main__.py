@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the measured plan lag, up to --max-horizon-ms, for a real engine)")
     p.add_argument("--max-horizon-ms", type=float, default=50.0,
                    help="cap on the lag-adaptive plan validity (ms; default 50)")
+    p.add_argument("--steady-skips", type=int, default=2, metavar="N",
+                   help="in steady decode (nothing waiting or new), answer only every (N+1)-th report of a "
+                        "real engine with a new plan (the one in force still holds); 0 = plan after every report")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         planner = Planner.create(args.policy, args.hardware, **parse_overrides(args.overrides))
         if args.horizon_iters is not None and args.horizon_iters <= 0 or args.max_horizon_ms <= 0:
             raise ValueError("--horizon-iters and --max-horizon-ms must be > 0")
+        if args.steady_skips < 0:
+            raise ValueError("--steady-skips must be >= 0")
     except (ValueError, TypeError) as e:
         print(f"sidecar: {e}", file=sys.stderr)
         return 2
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         planner.horizon_iters = args.horizon_iters
     planner.max_horizon_s = args.max_horizon_ms / 1e3
     proc = PlannerProc(args.endpoint, planner, args.policy, busy_poll=args.busy_poll,
-                       adapt_horizon=args.horizon_iters is None)
+                       adapt_horizon=args.horizon_iters is None, steady_skips=args.steady_skips)
     proc.install_signal_handlers()
     print(f"sidecar: {args.policy} on {planner.profile.name} listening at {proc.endpoint}", flush=True)
     return proc.run()

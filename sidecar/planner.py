@@ -53,6 +53,10 @@ class Planner:
         self.horizon_iters = horizon_iters
         self.min_horizon_s = min_horizon_s
         self.max_horizon_s = max_horizon_s
+        self.extra_horizon_iters = 0.0
+        """Predicted iterations added to every plan's validity: the sidecar sets it to how many
+        steady reports it may leave unanswered (PlannerProc.steady_skips), so the plan in force
+        outlives them."""
         self.adaptive_horizon = False
         """True: the horizon also covers the measured plan lag (`plan_lag_s`). The sidecar turns
         it on for real engines, whose plans arrive whenever the sidecar gets CPU time; the
@@ -86,6 +90,9 @@ class Planner:
         """Verify outcomes observed but not yet applied to the acceptance model (defer_upkeep)."""
         self._inflight: list[protos.Plan] = []
         """Plans sent for steps the engine has not reported yet (pipelining)."""
+        self._last_plan: protos.Plan | None = None
+        self._events_since_plan = True
+        """Something besides decode progress happened since the last plan (see `steady`)."""
 
     @classmethod
     def create(cls, policy: str, hardware: str | Path | HardwareProfile, **policy_overrides: Any) -> "Planner":
@@ -102,10 +109,15 @@ class Planner:
         """Apply one engine message. Unknown rids are logged and skipped, never fatal."""
         st = self.state
         if isinstance(msg, protos.IterationReport):
+            if msg.prefill_tokens:
+                self._events_since_plan = True
             self._observe_report(msg)
             if self.adaptive_horizon:
                 self._observe_plan_lag(msg)
-        elif isinstance(msg, protos.RequestArrived):
+            self.policy.observe(msg)
+            return
+        self._events_since_plan = True
+        if isinstance(msg, protos.RequestArrived):
             if msg.rid in st.requests:
                 log.warning("planner: duplicate arrival of %r ignored", msg.rid)
                 return
@@ -125,6 +137,7 @@ class Planner:
             st.engine = msg.engine
             st.spec_modes = tuple(msg.spec_modes) or (protos.SpecMode.NONE,)
             st.kv_free_tokens = msg.kv_capacity_tokens
+            st.mixed_forward = msg.mixed_forward
         elif isinstance(msg, protos.Resync):
             self._resync(msg)
         else:
@@ -188,7 +201,8 @@ class Planner:
         return rep.step - 1 if self._applied_step < rep.step else rep.step
 
     def _resync(self, msg: protos.Resync) -> None:
-        st = PlannerState(limits=self.state.limits, engine=self.state.engine, spec_modes=self.state.spec_modes)
+        st = PlannerState(limits=self.state.limits, engine=self.state.engine, spec_modes=self.state.spec_modes,
+                          mixed_forward=self.state.mixed_forward)
         st.now_s, st.step, st.kv_free_tokens = msg.now_s, msg.step, msg.kv_free_tokens
         self._learn_verifies()  # the class estimates keep them; request estimates restart
         self.acceptance.clear_requests()
@@ -250,12 +264,31 @@ class Planner:
             made[step] = now_s
             if len(made) > _PLANS_REMEMBERED:
                 del made[next(iter(made))]
+        self._last_plan, self._events_since_plan = plan, False
         self._inflight = [p for p in self._inflight if p.step != step]  # a replan replaces
         self._inflight.append(plan)
         if len(self._inflight) > 8:  # engine not reporting plan steps as expected: bound it
             del self._inflight[0]
         plan.plan_latency_s = time.perf_counter() - t_start
         return plan
+
+    def steady(self) -> bool:
+        """Whether the policy would plan the same decode iteration again: since the last plan,
+        which had no prefill chunk and no decision, only decode progress was reported (no
+        arrival, finish, resync, prefill), no request waits or prefills, and the engine does
+        not speculate (trees follow each decoder's slack, which moves every iteration). The
+        last plan then still stands (it is valid for several predicted iterations), save for
+        how its arrival allowance drifts with the decoders' slack. O(requests)."""
+        last = self._last_plan
+        if self._events_since_plan or last is None or last.prefill or last.decisions or self.state.spec_enabled:
+            return False
+        admit, best = Decision.ADMIT, Decision.BEST_EFFORT
+        n = 0
+        for r in self.state.requests.values():
+            if not (r.decision is admit or r.decision is best) or r.prefilled < r.prompt_tokens:
+                return False
+            n += 1
+        return n == len(last.decode)
 
     def _apply_decisions(self, plan: protos.Plan) -> None:
         requests = self.state.requests
@@ -357,7 +390,7 @@ class Planner:
         rep = self.state.last_report
         ctx_tokens = rep.context_tokens if rep is not None else 0  # last measured; close enough here
         t_iter = self.cost.iteration_time(prefill, min(verify, plan.token_budget), steps, ctx_tokens, verify - len(plan.decode))
-        horizon = max(self.min_horizon_s, self.horizon_iters * t_iter)
+        horizon = max(self.min_horizon_s, (self.horizon_iters + self.extra_horizon_iters) * t_iter)
         if self.adaptive_horizon:
             horizon = max(horizon, min(self.max_horizon_s, _LAG_MARGIN * self.plan_lag_s))
         return horizon

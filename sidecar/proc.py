@@ -6,6 +6,8 @@ IterationReport (and after draining everything already queued, so the plan sees 
 state) send a Plan for step report.step + 2: the engine is already running step + 1.
 A Resync replaces the planner's state and is answered with a fresh plan too.
 Clean shutdown on SIGTERM/SIGINT (the loop polls with a short timeout and checks a flag).
+In steady decode (nothing waiting, nothing prefilling, nothing new; Planner.steady) a real
+engine's report is answered only every `steady_skips + 1`-th time: the plan in force still holds.
 With `busy_poll` the loop never sleeps in the kernel: a report is seen within microseconds
 instead of after a wake-up (~30-70 us here), at the price of one CPU core.
 """
@@ -31,12 +33,18 @@ class PlannerProc:
     """Owns the planner's socket and runs the event loop."""
 
     def __init__(self, endpoint: str, planner: Planner, policy_name: str = "", busy_poll: bool = False,
-                 adapt_horizon: bool = True):
+                 adapt_horizon: bool = True, steady_skips: int = 2):
         self.planner = planner
         self.busy_poll = busy_poll
         self.adapt_horizon = adapt_horizon
         """Real engines get plans valid for the measured plan lag too (Planner.adaptive_horizon)."""
         planner.defer_upkeep = True  # acceptance updates and refits run after the plan is sent
+        self.steady_skips = steady_skips
+        """A real engine in steady decode (Planner.steady) gets no new plan for up to this many
+        reports in a row: the one in force still says the same and stays valid for several
+        predicted iterations, and on a shared CPU the planning it saves competes with the engine."""
+        self._skipped_in_row = 0
+        self.plans_skipped = 0
         self.policy_name = policy_name or planner.policy.name
         self.channel = PlannerChannel(endpoint)
         self.endpoint = self.channel.endpoint
@@ -97,6 +105,13 @@ class PlannerProc:
                     replan_for, recv_t = msg, time.monotonic()
             got = self.channel.recv(0)
         if replan_for is not None and self.engine_id is not None:
+            if (isinstance(replan_for, protos.IterationReport) and not self.simulated_clock
+                    and self._skipped_in_row < self.steady_skips and self.planner.steady()):
+                self._skipped_in_row += 1
+                self.plans_skipped += 1
+                self.planner.upkeep()
+                return
+            self._skipped_in_row = 0
             self._send_plan(replan_for, recv_t)
 
     def _log_stats(self) -> None:
@@ -105,9 +120,9 @@ class PlannerProc:
         if n:
             log.info(
                 "planner: %d plans in %.0f s (latency mean %.3f ms, max %.3f ms), %d requests, step %d, "
-                "cost scale %.2f, unknown-rid skips %d",
+                "cost scale %.2f, unknown-rid skips %d, steady reports unplanned %d",
                 n, _STATS_EVERY_S, 1e3 * total / n, 1e3 * worst, len(st.requests), st.step,
-                self.planner.cost.scale, self.planner.skipped_unknown,
+                self.planner.cost.scale, self.planner.skipped_unknown, self.plans_skipped,
             )
         self._window = [0, 0.0, 0.0]
         self._next_stats = time.monotonic() + _STATS_EVERY_S
@@ -135,6 +150,8 @@ class PlannerProc:
             # a CPU; a simulated one on a fixed schedule (and its runs reproduce in-process ones).
             self.planner.adaptive_horizon = self.adapt_horizon and not self.simulated_clock
             self.planner.plans_apply_late = not self.simulated_clock
+            # Plans outlive the steady reports this loop may leave unanswered.
+            self.planner.extra_horizon_iters = 0.0 if self.simulated_clock else float(self.steady_skips)
             self.planner.observe(hello)
             log.info("planner: engine %r (%s) connected, config %s", engine_id, hello.engine, hello.config_hash)
         else:

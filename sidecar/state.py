@@ -244,6 +244,9 @@ class PlannerState:
     """Engine kind from its hello ('embedded', 'sglang', 'sim')."""
     spec_modes: tuple[protos.SpecMode, ...] = (protos.SpecMode.NONE,)
     next_seq: int = 0
+    mixed_forward: bool = True
+    """The engine can run prefill chunks and decode tokens in one forward (EngineHello);
+    False: a forward with prefill stalls every running decoder for its whole length."""
 
     def __post_init__(self):
         if not self.kv_free_tokens:

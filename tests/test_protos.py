@@ -14,7 +14,7 @@ D = m.Decision
 PINNED: list[tuple[m.Message, str]] = [
     (
         m.EngineHello(1, "sim", [m.SpecMode.CHAIN, m.SpecMode.TREE], 8192, 450000, 8, 4, [2, 4], 16, "abc", 1.5),
-        "9ca568656c6c6f01a373696d920102cd2000ce0006ddd0080492020410a3616263cb3ff8000000000000",
+        "9da568656c6c6f01a373696d920102cd2000ce0006ddd0080492020410a3616263cb3ff8000000000000c3",
     ),
     (m.PlannerWelcome(1, False, "fcfs", "nope"), "96a777656c636f6d6501c2a466636673a46e6f7065a0"),
     (
@@ -44,10 +44,32 @@ PINNED: list[tuple[m.Message, str]] = [
             9, 2.5, 512, [m.PrefillChunk("r1", 64)], [m.DecodeEntry("r2", 1.5, 6, 4, 2)],
             [m.AdmissionDecision("r3", D.REJECT)], 4, 0.001, 7,
         ),
-        "9aa4706c616e09cb4004000000000000cd02009192a27231409195a27232cb3ff80000000000000604029192a272330204cb3f50"
-        "624dd2f1a9fc07",
+        "9ba4706c616e09cb4004000000000000cd02009192a27231409195a27232cb3ff80000000000000604029192a272330204cb3f50"
+        "624dd2f1a9fc0700",
     ),
 ]
+
+
+# Encodings from before a field was appended: they still decode, the new field at its default.
+BEFORE_APPEND: list[tuple[str, m.Message]] = [
+    ("9ca568656c6c6f01a373696d920102cd2000ce0006ddd0080492020410a3616263cb3ff8000000000000", PINNED[0][0]),
+    ("9aa4706c616e09cb4004000000000000cd02009192a27231409195a27232cb3ff80000000000000604029192a272330204cb3f50"
+     "624dd2f1a9fc07", PINNED[-1][0]),
+]
+
+
+@pytest.mark.parametrize("hexbytes,msg", BEFORE_APPEND, ids=["EngineHello", "Plan"])
+def test_encodings_from_before_an_appended_field_still_decode(hexbytes, msg):
+    back = m.decode(bytes.fromhex(hexbytes))
+    assert back == msg
+    assert getattr(back, "mixed_forward", True) is True and getattr(back, "arrival_tokens", 0) == 0
+
+
+def test_appended_fields_round_trip_non_default():
+    hello = m.EngineHello(1, "sglang", [m.SpecMode.NONE], 4096, 16384, mixed_forward=False)
+    assert m.decode(m.encode(hello)).mixed_forward is False
+    plan = m.Plan(3, 1.0, 64, arrival_tokens=48)
+    assert m.decode(m.encode(plan)).arrival_tokens == 48
 
 
 @pytest.mark.parametrize("msg,hexbytes", PINNED, ids=[type(p[0]).__name__ for p in PINNED])

@@ -23,8 +23,9 @@ def test_prefill_batches_count_size_and_decoder_waits():
     assert prefill_batches([])["prefill_tokens_per_batch"] is None
 
 
-def _it(mode, prefill, plan_prefill, waiting=0, plan_step=1):
-    return {"mode": mode, "prefill": prefill, "plan_prefill": plan_prefill, "waiting": waiting, "plan_step": plan_step}
+def _it(mode, prefill, plan_prefill, waiting=0, plan_step=1, arrival_tokens=None):
+    return {"mode": mode, "prefill": prefill, "plan_prefill": plan_prefill, "waiting": waiting, "plan_step": plan_step,
+            "plan_arrival_tokens": arrival_tokens}
 
 
 def test_plan_effects_flag_chunking_deferral_and_plan_violations():
@@ -33,9 +34,11 @@ def test_plan_effects_flag_chunking_deferral_and_plan_violations():
         _it("decode", {}, {}, waiting=2),  # the plan chose decode while requests waited
         _it("mixed", {"a": 36, "b": 10}, {"b": 8}),  # a: continuing chunk outside the plan; b: over its chunk
         _it("decode", {}, None, waiting=3, plan_step=-1),  # fallback: not the plan's doing
+        _it("prefill", {"c": 20}, {}, arrival_tokens=64),  # c arrived after the plan: its allowance
     ]
     got = plan_effects(its)
-    assert (got["iterations"], got["under_plan"], got["prefill_iterations"], got["mixed_iterations"]) == (4, 3, 2, 1)
+    assert (got["iterations"], got["under_plan"], got["prefill_iterations"], got["mixed_iterations"]) == (5, 4, 3, 1)
     assert got["decode_while_waiting_by_plan"] == 1
-    assert (got["prompts_prefilled"], got["prompts_in_several_chunks"]) == (2, 1)
+    assert (got["prompts_prefilled"], got["prompts_in_several_chunks"]) == (3, 1)
     assert (got["prefills_outside_plan"], got["chunks_over_plan"]) == (1, 1)
+    assert (got["arrival_prefills"], got["plans_with_arrival_allowance"]) == (1, 1)

@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -115,16 +116,23 @@ def test_plans_drive_admission_and_batch_composition(server):
     assert len(planned) >= 10, f"only {len(planned)} of {len(its)} iterations ran under a plan"
     seen: set[str] = set()
     for it in its:
+        arrivals = 0  # prompt tokens of requests the plan did not know (its arrival allowance)
         for rid, tokens in it["prefill"].items():
             if it["plan_prefill"] is not None and rid not in seen:  # a new admission under a plan
-                assert rid in it["plan_prefill"], f"step {it['step']}: {rid} admitted outside the plan"
-                assert tokens <= it["plan_prefill"][rid]
+                if rid in it["plan_prefill"]:
+                    assert tokens <= it["plan_prefill"][rid]
+                else:
+                    assert it["plan_arrival_tokens"], f"step {it['step']}: {rid} admitted outside the plan"
+                    arrivals += tokens
+        assert arrivals <= (it["plan_arrival_tokens"] or 0)
         seen.update(it["prefill"])
-    # SGLang alone runs prefill first whenever requests wait and fit (16k KV, 4k chunks, tiny
-    # load); a decode iteration with requests waiting is the plan protecting TPOT.
-    deferred = [it for it in planned if it["mode"] == "decode" and it["waiting"] > 0]
-    partial = [it for it in planned if it["mode"] == "prefill" and it["waiting"] > 0]
-    assert deferred or partial, "no iteration where the plan changed SGLang's admission"
+    # SGLang without --enable-mixed-chunk (the hello says so): plans price a prefill forward as
+    # a stall of every decoder. With these TPOTs (30 ms against ~5 ms iterations) the decoders
+    # absorb it, so every prompt goes whole, at once (deferral that saves a decoder:
+    # test_policies_prefill_only.py), and plans let arrivals they do not know prefill at once.
+    forwards = Counter(rid for it in planned for rid in it["prefill"])  # (SGLang's own fallback chunks)
+    assert forwards and max(forwards.values()) == 1, "a plan split a prompt over several prefill forwards"
+    assert any(it["plan_arrival_tokens"] for it in planned), "no plan with an arrival allowance"
 
 
 def test_sidecar_sigkill_mid_run_every_request_completes(server):

@@ -646,3 +646,56 @@ def test_tp_ranks_stamp_arrivals_with_rank0_clock():
     s1.on_new_request(a1)
     assert a0.slo.arrival_s == a1.slo.arrival_s == 100.0
     s0.link.close()
+
+
+# ------------------------------------------------------------------ arrivals the plan does not know
+
+
+def test_arrival_allowance_prefills_an_unplanned_arrival_once_and_only_whole():
+    """A plan with `arrival_tokens` lets a request it does not know (arrived after it was made)
+    prefill at once, whole, instead of waiting out the plan pipeline; the first prefill forward
+    under the plan uses the allowance up; without it (or for a request the plan knows but did
+    not admit) the plan's decode choice stands."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    sched = scheduler_shell()
+    state = state_for(sched)
+    defer = hooked(Scheduler._should_defer_prefill, hooks.defer_prefill_by_plan, HookType.AROUND)
+    running = ScheduleBatch(reqs=[make_req(8, "d")])
+    new = make_req(30, "new")
+    sched.waiting_queue = [new]
+    state.apply_update(PlannerUpdate(plan=make_plan(prefill={}, decode=["d"])))
+    assert defer(sched, running) is True  # no allowance: wait for a plan that knows it
+    state.apply_update(PlannerUpdate(plan=make_plan(step=2, prefill={}, decode=["d"], arrival_tokens=64)))
+    assert defer(sched, running) is False  # allowance: prefill now
+    factory = hooked(Scheduler.get_prefill_adder_class, hooks.plan_prefill_adder, HookType.AROUND)(sched)
+    alloc, cache = kv_and_cache()
+    adder = factory(*adder_args(alloc, cache), max_prefill_bs=0, prefill_max_requests=None)
+    too_big = make_req(100, "big")
+    got = run_prefill_pass(adder, [new, too_big], cache)
+    assert [r.rid for r in got] == ["new"] and new.extend_len == 30  # whole; 100 > 64 - 30 left: not cut
+    state.after_launch(_Launched([new]))
+    assert state.plan.view.arrival_tokens == 0 and state.plan.arrivals_admitted == 1
+    sched.waiting_queue = [too_big]
+    assert defer(sched, running) is True  # one prefill forward per allowance
+    # a request the plan knows (in its order) is not an arrival
+    state.apply_update(PlannerUpdate(plan=make_plan(step=3, prefill={}, decode=["d", "big"], arrival_tokens=500)))
+    assert defer(sched, running) is True
+
+
+def test_prefill_under_a_plan_uses_its_arrival_allowance_up():
+    """The planned chunk's forward is the one forward the allowance was priced for."""
+    ps = PlanState()
+    ps.apply(PlannerUpdate(plan=make_plan(prefill={"a": 10}, arrival_tokens=40)))
+    assert ps.view.arrival_tokens == 40 and ps.view.admits_arrival("x") and not ps.view.admits_arrival("a")
+    ps.consume(["a"])
+    assert ps.view.arrival_tokens == 0 and ps.arrivals_admitted == 0 and not ps.view.admits_arrival("x")
+
+
+def test_hello_says_whether_prefill_and_decode_share_a_forward():
+    sched = scheduler_shell()
+    state = state_for(sched)
+    sched.is_mixed_chunk = False
+    assert state._hello(1.0).mixed_forward is False
+    sched.is_mixed_chunk = True
+    assert state._hello(1.0).mixed_forward is True

@@ -47,6 +47,9 @@ class PlanView:
     """Batch-wide speculation depth (-1 = let the engine decide)."""
     based_on_step: int
     """Last engine step the planner had seen; requests that arrived later are unplanned."""
+    arrival_tokens: int = 0
+    """`Plan.arrival_tokens`: prompt tokens of requests the plan does not know (not in `rank`)
+    one prefill may take at once, SGLang's way; one-shot like the chunks."""
 
     @classmethod
     def of(cls, plan: Plan) -> PlanView:
@@ -65,11 +68,16 @@ class PlanView:
             rank=rank,
             spec_depth=plan.spec_depth,
             based_on_step=plan.based_on_step,
+            arrival_tokens=max(0, plan.arrival_tokens),
         )
 
     def wants_prefill(self) -> bool:
-        """Whether this iteration should build a prefill batch at all."""
+        """Whether this iteration should build a prefill batch for the plan's own chunks."""
         return bool(self.prefill_tokens)
+
+    def admits_arrival(self, rid: str) -> bool:
+        """Whether a waiting request `rid` may prefill now as an arrival the plan does not know."""
+        return self.arrival_tokens > 0 and rid not in self.rank
 
     def without_chunks(self, rids) -> PlanView:
         """This plan with the prefill chunks of `rids` taken out (they ran); order and
@@ -96,6 +104,8 @@ class PlanState:
         self.expired = False
         """The last plan expired (as opposed to no plan ever received)."""
         self.chunks_consumed = 0
+        self.arrivals_admitted = 0
+        """Prefill forwards that ran arrivals under a plan's `arrival_tokens`."""
 
     def apply(self, update: PlannerUpdate) -> None:
         """Install a newer plan and/or expire the current one (same effect on every rank)."""
@@ -109,14 +119,19 @@ class PlanState:
             self.expired = True
 
     def consume(self, rids) -> None:
-        """The current plan's chunks for `rids` ran in a launched batch: not again under this plan."""
+        """The current plan's chunks for `rids` ran in a launched batch: not again under this plan.
+        Any prefill forward under the plan uses up its arrival allowance too: the planner priced
+        one prefill forward's stall of the running decoders, not one per iteration it stays in force."""
         view = self.view
-        if view is None:
+        if view is None or not rids:
             return
         done = [rid for rid in rids if rid in view.prefill_tokens]
         if done:
-            self.view = view.without_chunks(done)
+            view = self.view = view.without_chunks(done)
             self.chunks_consumed += len(done)
+        if view.arrival_tokens > 0:
+            self.view = dataclasses.replace(view, arrival_tokens=0)
+            self.arrivals_admitted += any(rid not in view.rank for rid in rids)
 
     @property
     def step(self) -> int:

@@ -2,8 +2,9 @@
 
 Returned by the `Scheduler.get_prefill_adder_class` hook (SGLang's designed override point).
 With a plan, one prefill pass admits exactly the plan's prefill list, each request with at
-most its planned number of prompt tokens, within the plan's token budget; without one it is
-SGLang's adder unchanged. All KV/memory accounting stays SGLang's: the subclass only
+most its planned number of prompt tokens, within the plan's token budget, plus whole prompts
+of arrivals the plan does not know, within its `arrival_tokens`; without one it is SGLang's
+adder unchanged. All KV/memory accounting stays SGLang's: the subclass only
 narrows the budgets SGLang already checks (`rem_input_tokens`, `rem_chunk_tokens`,
 `prefill_max_requests`) and says OTHER ("stop admitting") for requests outside the plan.
 
@@ -21,6 +22,7 @@ from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
 from sglang_slo.sglang_plugin.plan_state import PlanView
 
 _ARGS = inspect.signature(PrefillAdder.__init__)  # to find num_mixed_decode_tokens however it is passed
+_ARRIVALS_PER_PREFILL = 64  # most unplanned arrivals one prefill takes under an arrival allowance
 
 
 class SloPrefillAdder(PrefillAdder):
@@ -35,11 +37,13 @@ class SloPrefillAdder(PrefillAdder):
         # The plan's budget counts the decode tokens of the iteration too; in a mixed forward
         # (--enable-mixed-chunk) those ride in this batch, so the prefill gets the rest.
         riders = _ARGS.bind(self, *args, **kwargs).arguments.get("num_mixed_decode_tokens", 0) or 0
-        budget = max(plan.token_budget - riders, 0)  # tokens
+        # Arrivals the plan does not know may add up to plan.arrival_tokens prompt tokens.
+        self.arrival_left = plan.arrival_tokens  # tokens
+        budget = max(plan.token_budget - riders, 0) + self.arrival_left  # tokens
         self.rem_input_tokens = min(self.rem_input_tokens, budget)
         if self.rem_chunk_tokens is not None:
             self.rem_chunk_tokens = min(self.rem_chunk_tokens, budget)
-        cap = len(plan.prefill_tokens)
+        cap = len(plan.prefill_tokens) + (self.arrival_left > 0) * _ARRIVALS_PER_PREFILL
         self.prefill_max_requests = cap if self.prefill_max_requests is None else min(self.prefill_max_requests, cap)
 
     @classmethod
@@ -67,6 +71,8 @@ class SloPrefillAdder(PrefillAdder):
             return super().add_one_req(req, has_chunked_req, truncation_align_size)
         planned = self.plan.prefill_tokens.get(req.rid)
         if planned is None:
+            if self.plan.admits_arrival(req.rid):
+                return self._add_arrival(req, has_chunked_req, truncation_align_size)
             return AddReqResult.OTHER  # the queue is in plan order: the admitted set is used up
         if self.rem_chunk_tokens is None:  # chunked prefill is off: the plan only admits
             return super().add_one_req(req, has_chunked_req, truncation_align_size)
@@ -75,6 +81,23 @@ class SloPrefillAdder(PrefillAdder):
         if (self.unfinished_chunk or self.new_chunked_req is not None) and cap < remaining:
             return AddReqResult.OTHER  # it would be cut: SGLang holds one partial chunk at most
         return self._add_with_chunk_cap(req, cap, has_chunked_req, truncation_align_size)
+
+    def _add_arrival(self, req, has_chunked_req: bool, truncation_align_size):
+        """An arrival the plan does not know (it sorts after every planned request): its whole
+        prompt, SGLang's way, if it fits what is left of the plan's arrival allowance. Never a
+        chunk: a prompt split over several prefill forwards would stall the decoders again."""
+        remaining = len(req.full_untruncated_fill_ids) - req.prefix_len  # prompt tokens left
+        if (remaining > self.arrival_left or self.unfinished_chunk or self.new_chunked_req is not None
+                or (self.rem_chunk_tokens is not None and remaining > self.rem_chunk_tokens)):
+            return AddReqResult.OTHER
+        before = len(self.can_run_list)
+        if self.rem_chunk_tokens is None:
+            res = super().add_one_req(req, has_chunked_req, truncation_align_size)
+        else:
+            res = self._add_with_chunk_cap(req, remaining, has_chunked_req, truncation_align_size)
+        if len(self.can_run_list) > before:
+            self.arrival_left -= remaining
+        return res
 
     def _add_with_chunk_cap(self, req, cap: int, has_chunked_req: bool, truncation_align_size):
         """Run SGLang's admission with the chunk budget narrowed to `cap` tokens for this request."""

@@ -184,7 +184,13 @@ class SloSchedulerState:
         self.building_plan = view
         if view is None:
             return original(self.scheduler, running_batch)
-        return not view.wants_prefill()
+        return not (view.wants_prefill() or self._arrival_waiting(view))
+
+    def _arrival_waiting(self, view: PlanView) -> bool:
+        """A waiting request the plan does not know may prefill now (the plan's arrival allowance)."""
+        if view.arrival_tokens <= 0:
+            return False
+        return any(view.admits_arrival(r.rid) for r in getattr(self.scheduler, "waiting_queue", ()))
 
     def plan_for_build(self):
         """The plan the prefill adder and the queue order follow (None: SGLang's rules)."""
@@ -290,6 +296,7 @@ class SloSchedulerState:
             "plan_prefill": dict(plan.prefill_tokens) if plan is not None else None,
             "plan_budget": plan.token_budget if plan is not None else None,
             "plan_spec_depth": plan.spec_depth if plan is not None else None,
+            "plan_arrival_tokens": plan.arrival_tokens if plan is not None else None,
             "draft_steps": report.draft_steps,
             "kv_free": report.kv_free_tokens,
             "kv_unused": int(self.scheduler.token_to_kv_pool_allocator.available_size()),  # without evictable
@@ -382,6 +389,7 @@ class SloSchedulerState:
             depth_tiers=tiers,
             kv_block_tokens=int(getattr(sched, "page_size", 1) or 1),
             clock_s=now,
+            mixed_forward=bool(getattr(sched, "is_mixed_chunk", False)),
         )
 
     def _resync(self, now: float) -> Resync:

@@ -38,11 +38,16 @@ Every plan, for the iteration that starts when the running one ends (plans are p
    TTFT is lost).
 6. Online calibration: the planner's cost model (refit) and acceptance model (per request)
    feed every plan.
+7. Engines that cannot mix prefill and decode in one forward (EngineHello.mixed_forward False:
+   SGLang without --enable-mixed-chunk): a prefill forward stalls every decoder, so prompts go
+   whole and together, now unless waiting saves a decoder (prefill_only.py), and the plan lets
+   requests that arrive after it prefill at once while the decoders absorb it (arrival_tokens).
 O(n log n) per plan; numpy for the per-request tree arithmetic.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +55,7 @@ import numpy as np
 from protos import messages as protos
 from sidecar.acceptance import chain_expected
 from sidecar.policies.base import PlanContext, Policy, build_config
+from sidecar.policies import prefill_only
 from sidecar.policies.decode_gate import ArrivalRate, GateCandidate, GateLoad, admit_decodes
 from sidecar.policies.edf_admission import Job, admit_edf
 from sidecar.policies.expected_rows import ExpectedRows
@@ -135,6 +141,10 @@ class UnifiedConfig:
     """Output tokens assumed at most when projecting a candidate's KV reads (half are counted)."""
     arrival_window_s: float = 5.0
     """Time constant of the prompt-token arrival rate behind the prefill duty, seconds."""
+    prefill_keep_share: float = 0.5
+    """Engines that cannot mix prefill and decode (prefill_only.py): a prompt waits for the
+    running decoders' sake at most until only this share of its TTFT budget is left (an early
+    first token banks that much slack for its own decode)."""
 
     def __post_init__(self):
         if self.alpha_refresh < 1:
@@ -144,7 +154,7 @@ class UnifiedConfig:
         if self.max_iter_s <= 0 or self.decode_efficiency <= 0 or self.margin < 0:
             raise ValueError(f"slo_unified: bad config {self}")
         if (not 0 < self.gate_safety <= 1 or self.gate_output_tokens < 0 or self.arrival_window_s <= 0
-                or not 0 <= self.gate_quantile < 1):
+                or not 0 <= self.gate_quantile < 1 or not 0 <= self.prefill_keep_share <= 1):
             raise ValueError(f"slo_unified: bad decode-gate config {self}")
 
 
@@ -395,7 +405,21 @@ class UnifiedPolicy(Policy):
         if edf:  # k chunks wait k iterations of >= t_floor each: finish the EDF head in one if
             # the decoders' deadlines allow (b_stretch); its early first token banks decode slack
             p_req = max(p_req, edf[0].prompt_tokens - edf[0].prefilled)
-        if decode_tokens + p_req > b_max and n_all:
+        split = st.mixed_forward  # else prefill-only forwards (prefill_only.py): no level cuts
+        t_dec = t_pf_used = 0.0
+        stalled = None
+        if not split:
+            t_dec = cost.iteration_time(0, decode_tokens, steps, context, decode_tokens - n_all) if n_all else 0.0
+            if n_slo:
+                stalled = prefill_only.Decoders(hard, tpot, left_tok[:n_slo], t_dec)
+            head_wait = 0.0
+            if edf:
+                head = edf[0]
+                head_wait = (head.ttft_deadline_s - lead - start - t_dec - cfg.prefill_keep_share * head.slo.ttft_s
+                             - prefill_only.prefill_seconds(cost, head.prompt_tokens - head.prefilled))
+            room, t_pf_used = prefill_only.slo_room(
+                cost, lim.max_batch_tokens, [r.prompt_tokens - r.prefilled for r in edf], head_wait, stalled)
+        elif decode_tokens + p_req > b_max and n_all:
             level = int(nodes.max(initial=1))
             while level > 1 and decode_tokens + p_req > b_max:
                 level -= 1
@@ -407,7 +431,8 @@ class UnifiedPolicy(Policy):
                 b_max = max(b_max, min(lim.max_batch_tokens, b_fit))
             if decode_tokens + p_req > b_max:
                 b_max = min(b_stretch, decode_tokens + p_req)
-        room = _prefill_room(cost, b_max - decode_tokens, b_max, decode_tokens, steps, context, n_all)
+        if split:
+            room = _prefill_room(cost, b_max - decode_tokens, b_max, decode_tokens, steps, context, n_all)
         packing = pack(edf, room, kv_left, cfg.new_token_ratio, preadmitted={r.rid for r in admitted_now})
 
         # ---- best-effort tier: preempt under KV pressure, else leftovers ------------------
@@ -427,15 +452,34 @@ class UnifiedPolicy(Policy):
                 else:
                     decisions.append(protos.AdmissionDecision(r.rid, Decision.REJECT))
             late = keep
+        late_queue = []
         if cfg.best_effort:
             late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=lambda r: r.seq)
             packing.kv_left = kv_left
+            if not split:  # whole prompts that fit the forward (prefill_only.py)
+                room = prefill_only.best_effort_room(cost, lim.max_batch_tokens,
+                                                     [r.prompt_tokens - r.prefilled for r in late_queue],
+                                                     packing.used, stalled, cfg.max_iter_s)
             pack(late_queue, room, kv_left, cfg.new_token_ratio, _BE, out=packing, head_of_line=False)
         else:
             decisions.extend(protos.AdmissionDecision(r.rid, Decision.REJECT) for r in late if not r.slo.best_effort)
+        arrival_tokens = 0
+        if not split:
+            # Requests that arrive after this plan was made may prefill at once (the engine's
+            # own way) while the decoders can absorb that prefill forward and no request the
+            # planner knows is still waiting for one (they go first).
+            chunked = {c.rid: c.tokens for c in packing.chunks}
+            known_waiting = len(waiting) > len(admitted_now) + sum(1 for r in late if r.rid in chunked) or any(
+                chunked.get(r.rid, 0) < r.prompt_tokens - r.prefilled for r in (*edf, *late_queue))
+            allow = stalled.allowance() if stalled is not None else math.inf
+            if not known_waiting and t_pf_used <= allow:
+                arrival_tokens = max(0, prefill_only.prefill_within(cost, allow, lim.max_batch_tokens) - packing.used)
 
         # ---- entries ---------------------------------------------------------------------
-        t_plan = cost.iteration_time(packing.used, decode_tokens, steps, context, decode_tokens - n_all)
+        if split:
+            t_plan = cost.iteration_time(packing.used, decode_tokens, steps, context, decode_tokens - n_all)
+        else:  # the next forward: the prefill alone if the plan has one, else the decode
+            t_plan = cost.iteration_time(packing.used, 0, 0, 0) if packing.used else t_dec
         a_final = self._need(slack, tpot, t_plan, exp[:n_slo], dm) if n_slo else a
         targets = np.concatenate((a_final, np.ones(n_all - n_slo)))
         if lim.depth_tiers:
@@ -462,6 +506,7 @@ class UnifiedPolicy(Policy):
             decode=decode,
             decisions=decisions,
             spec_depth=max((e.depth for e in decode), default=0) if lim.depth_tiers else -1,
+            arrival_tokens=arrival_tokens,
         )
 
     def _gate(self, ctx: PlanContext, feasible, slo_pre, exp, want, tpot, hard, nodes, steps: int, context: int,

@@ -8,7 +8,8 @@ decoders each one made wait (without mixed chunks a prefill forward runs no deco
 how many iterations ran under a plan (and why the others fell back to SGLang: no plan yet,
 the plan expired, or the plan had nothing left while the engine would idle), how many decoded
 while requests waited because the plan chose decode, how many prompts the plan split into several chunks, and whether every prefill
-stayed inside its plan (admitted set and chunk sizes).
+stayed inside its plan (admitted set and chunk sizes), and how many prompts prefilled as
+arrivals the plan did not know, under its arrival allowance (`Plan.arrival_tokens`).
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def plan_effects(iterations: Iterable[dict]) -> dict:
     its = list(iterations)
     planned = [it for it in its if it["plan_step"] >= 0]
     chunks = Counter(rid for it in its for rid in it["prefill"])
-    outside = over = 0
+    outside = over = arrivals = 0
     for it in planned:
         plan = it.get("plan_prefill") or {}
         for rid, tok in it["prefill"].items():
             if rid not in plan:
-                outside += 1  # a continuing chunk the plan did not list (SGLang must finish it)
+                if it.get("plan_arrival_tokens"):
+                    arrivals += 1  # an arrival the plan did not know, under its arrival allowance
+                else:
+                    outside += 1  # a continuing chunk the plan did not list (SGLang must finish it)
             elif tok > plan[rid]:
                 over += 1
     return {
@@ -63,5 +67,7 @@ def plan_effects(iterations: Iterable[dict]) -> dict:
         "prompts_prefilled": len(chunks),
         "prompts_in_several_chunks": sum(c > 1 for c in chunks.values()),
         "prefills_outside_plan": outside,
+        "arrival_prefills": arrivals,
+        "plans_with_arrival_allowance": sum(bool(it.get("plan_arrival_tokens")) for it in planned),
         "chunks_over_plan": over,
     }

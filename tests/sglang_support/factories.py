@@ -75,7 +75,8 @@ def run_prefill_pass(adder, queue, cache) -> list:
 
 
 def make_plan(step: int = 1, budget: int = 1024, prefill: dict[str, int] | None = None, decode: list[str] = (),
-              decisions: dict[str, Decision] | None = None, spec_depth: int = -1, valid_until_s: float = 1e18) -> Plan:
+              decisions: dict[str, Decision] | None = None, spec_depth: int = -1, valid_until_s: float = 1e18,
+              arrival_tokens: int = 0) -> Plan:
     return Plan(
         step=step,
         valid_until_s=valid_until_s,
@@ -84,6 +85,7 @@ def make_plan(step: int = 1, budget: int = 1024, prefill: dict[str, int] | None 
         decode=[DecodeEntry(rid=r) for r in decode],
         decisions=[AdmissionDecision(rid=r, decision=d) for r, d in (decisions or {}).items()],
         spec_depth=spec_depth,
+        arrival_tokens=arrival_tokens,
     )
 
 
