@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import yaml
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steady-skips", type=int, default=2, metavar="N",
                    help="in steady decode (nothing waiting or new), answer only every (N+1)-th report of a "
                         "real engine with a new plan (the one in force still holds); 0 = plan after every report")
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="lower this process's CPU priority by N (os.nice), for a planner sharing a few cores "
+                        "with the engine (measured worse on the 2-core CPU test box: see the plugin README)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"sidecar: {e}", file=sys.stderr)
         return 2
+    if args.nice > 0:
+        os.nice(args.nice)
     if args.horizon_iters is not None:
         planner.horizon_iters = args.horizon_iters
     planner.max_horizon_s = args.max_horizon_ms / 1e3

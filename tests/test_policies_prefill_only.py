@@ -60,14 +60,18 @@ def test_no_decoders_and_nothing_waiting_admits_arrivals_like_sglang():
     assert plan.prefill == [] and plan.arrival_tokens == CPU.engine.max_batch_tokens
 
 
-def test_a_mixing_engine_never_gets_an_arrival_allowance():
-    """EngineHello's default (mixed_forward True): plans exactly as before this feature."""
+def test_a_mixing_engine_gets_the_unused_prefill_room_as_arrival_allowance():
+    """EngineHello's default (mixed_forward True): the same chunks as before this feature; the
+    allowance is what the plan's prefill room leaves, and nothing while a known request waits."""
     for seed in range(5):
         st = make_state(random.Random(seed), 20, 3, 6)
         assert st.mixed_forward
-        assert make_policy("slo_unified").plan(make_ctx(st)).arrival_tokens == 0
+        plan = make_policy("slo_unified").plan(make_ctx(st))
+        assert plan.arrival_tokens == 0  # six requests wait: they go first
     st = _state([(0.2, 40)], [("a", 37, 0.15)], mixed=True)
-    assert _plan(st).arrival_tokens == 0
+    plan = _plan(st)
+    assert [(c.rid, c.tokens) for c in plan.prefill] == [("a", 37)] and plan.arrival_tokens > 0
+    assert 37 + plan.arrival_tokens + len(plan.decode) <= CPU.engine.max_batch_tokens
 
 
 def test_prompt_waits_only_while_waiting_saves_a_decoder():

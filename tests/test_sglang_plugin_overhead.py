@@ -54,4 +54,15 @@ def test_server_configs_differ_only_in_what_they_name(tmp_path):
     assert "sglang.launch_server" in cmd_d and "--enable-priority-scheduling" not in cmd_d
     assert env_d["SGLANG_PLUGINS"] == "none-loaded"
     assert "--decode-log-interval" in cmd_d and "--enable-priority-scheduling" in cmd_env("default-prio")[0]
-    assert set(CONFIGS) == {"default", "default-prio", "plugin", "plugin-nolog", "plugin-nosidecar"}
+    cmd_nice, _ = cmd_env("plugin-nice")
+    assert cmd_nice[cmd_nice.index("--planner-nice") + 1] == "10" and cmd_nice.index("--planner-nice") < cmd_nice.index("--")
+    assert "--planner-nice" not in cmd
+    assert set(CONFIGS) == {"default", "default-prio", "plugin", "plugin-nolog", "plugin-nosidecar", "plugin-nice"}
+
+
+def test_sched_delta_is_per_iteration_and_per_process():
+    from tests.sglang_support.plugin_overhead import sched_delta
+
+    got = sched_delta({"scheduler": (1_000_000, 0, 10)}, {"scheduler": (4_000_000, 600_000, 70), "sidecar": (300_000, 0, 30)}, 30)
+    assert got == {"scheduler": {"cpu_us": 100.0, "runq_wait_us": 20.0, "slices": 2.0},
+                   "sidecar": {"cpu_us": 10.0, "runq_wait_us": 0.0, "slices": 1.0}}

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planner-horizon-iters", type=float, default=None, metavar="N",
                    help="plans stay valid for N predicted iterations (sidecar --horizon-iters; default: "
                         "adapted to the measured plan lag)")
+    p.add_argument("--planner-nice", type=int, default=0, metavar="N",
+                   help="run the sidecar N nice levels below the engine (sidecar --nice; default 0: 10 measured "
+                        "worse on a 2-core CPU box)")
     p.add_argument("--no-planner", action="store_true",
                    help="start no planner: the plugin attaches SLOs but SGLang schedules on its own")
     p.add_argument("--edf-fallback", action="store_true",
@@ -157,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             extra = [a for kv in args.planner_set for a in ("--set", kv)]
             if args.planner_horizon_iters is not None:
                 extra += ["--horizon-iters", str(args.planner_horizon_iters)]
+            if args.planner_nice > 0:
+                extra += ["--nice", str(args.planner_nice)]
             supervisor = SidecarSupervisor(endpoint, args.policy, args.hardware, extra_args=extra,
                                            log_path=args.sidecar_log)
             supervisor.start()

@@ -40,8 +40,9 @@ Every plan, for the iteration that starts when the running one ends (plans are p
    feed every plan.
 7. Engines that cannot mix prefill and decode in one forward (EngineHello.mixed_forward False:
    SGLang without --enable-mixed-chunk): a prefill forward stalls every decoder, so prompts go
-   whole and together, now unless waiting saves a decoder (prefill_only.py), and the plan lets
-   requests that arrive after it prefill at once while the decoders absorb it (arrival_tokens).
+   whole and together, now unless waiting saves a decoder (prefill_only.py). Every plan lets
+   requests that arrive after it prefill at once while the decoders absorb it (arrival_tokens:
+   the prefill room it leaves unused, or a prefill-only forward within the decoders' slack).
 O(n log n) per plan; numpy for the per-request tree arithmetic.
 """
 
@@ -463,17 +464,22 @@ class UnifiedPolicy(Policy):
             pack(late_queue, room, kv_left, cfg.new_token_ratio, _BE, out=packing, head_of_line=False)
         else:
             decisions.extend(protos.AdmissionDecision(r.rid, Decision.REJECT) for r in late if not r.slo.best_effort)
+        # Requests that arrive after this plan was made may prefill at once (the engine's own
+        # way) when no request the planner knows still waits (they go first) and the decoders
+        # absorb it: the prefill room this plan leaves unused (mixed forwards), or a prefill-only
+        # forward within every reachable decoder's slack. Engines that ignore the field (the
+        # simulator, the embedded runtime) plan and run exactly as without it.
         arrival_tokens = 0
-        if not split:
-            # Requests that arrive after this plan was made may prefill at once (the engine's
-            # own way) while the decoders can absorb that prefill forward and no request the
-            # planner knows is still waiting for one (they go first).
-            chunked = {c.rid: c.tokens for c in packing.chunks}
-            known_waiting = len(waiting) > len(admitted_now) + sum(1 for r in late if r.rid in chunked) or any(
-                chunked.get(r.rid, 0) < r.prompt_tokens - r.prefilled for r in (*edf, *late_queue))
-            allow = stalled.allowance() if stalled is not None else math.inf
-            if not known_waiting and t_pf_used <= allow:
-                arrival_tokens = max(0, prefill_only.prefill_within(cost, allow, lim.max_batch_tokens) - packing.used)
+        chunked = {c.rid: c.tokens for c in packing.chunks}
+        known_waiting = len(waiting) > len(admitted_now) + sum(1 for r in late if r.rid in chunked) or any(
+            chunked.get(r.rid, 0) < r.prompt_tokens - r.prefilled for r in (*edf, *late_queue))
+        if not known_waiting:
+            if split:
+                arrival_tokens = max(0, room - packing.used)
+            else:
+                allow = stalled.allowance() if stalled is not None else math.inf
+                if t_pf_used <= allow:
+                    arrival_tokens = max(0, prefill_only.prefill_within(cost, allow, lim.max_batch_tokens) - packing.used)
 
         # ---- entries ---------------------------------------------------------------------
         if split:

@@ -42,7 +42,7 @@ class SglangCpuServer:
 
     def __init__(self, model_dir: str | Path, *, plugin: bool = True, policy: str = "slo_unified",
                  workdir: str | Path, extra_args: tuple[str, ...] = (), port: int | None = None,
-                 planner_set: tuple[str, ...] = ()):
+                 planner_set: tuple[str, ...] = (), launcher_args: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
@@ -54,7 +54,7 @@ class SglangCpuServer:
             self.cmd = [sys.executable, "-m", "sglang_slo.sglang_plugin.launch", "--model", str(model_dir), "--cpu",
                         "--policy", policy, "--hardware", str(CPU_PROFILE), "--port", str(self.port),
                         "--sidecar-log", str(self.sidecar_log),
-                        *[a for kv in planner_set for a in ("--planner-set", kv)], "--", *sglang_args]
+                        *[a for kv in planner_set for a in ("--planner-set", kv)], *launcher_args, "--", *sglang_args]
             self.env = cpu_env(SGLANG_SLO_REPORT_LOG=str(self.report_log))
         else:
             from sglang_slo.sglang_plugin.launch import CPU_FLAGS
@@ -99,6 +99,29 @@ class SglangCpuServer:
                 continue
             if ppid == self.proc.pid and b"sidecar" in cmd:
                 out.append(int(d.name))
+        return out
+
+    def descendants(self) -> dict[int, str]:
+        """pid -> comm of every live process under this server's launcher."""
+        parent: dict[int, int] = {}
+        comm: dict[int, str] = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            head, _, rest = stat.rpartition(")")
+            parent[int(d.name)] = int(rest.split()[1])
+            comm[int(d.name)] = head.partition("(")[2]
+        out = {}
+        for pid in parent:
+            p = pid
+            while p in parent and p != self.proc.pid and p > 1:
+                p = parent[p]
+            if p == self.proc.pid and pid != p:
+                out[pid] = comm[pid]
         return out
 
     def stop(self) -> None:

@@ -13,7 +13,9 @@ its "Decode batch" log line every `--log-interval` decode iterations gives
 running and none queued; the first window after an idle gap is dropped). With the plugin's
 iteration log on, its launch-to-launch times of the N-request decode iterations are reported
 too (`report_log_ms`). `client_ms_per_token`: the batch's wall time / tokens (includes the
-prefill and HTTP). `loadavg` is /proc/loadavg before and after each config's run.
+prefill and HTTP). `per_iteration`: the scheduler's and the sidecar's /proc schedstat deltas per
+decode iteration (CPU us, run-queue wait us, timeslices), where CPU contention shows up.
+`loadavg` is /proc/loadavg before and after each config's run.
 
 Configs:
   default         SGLang as shipped (plugins off)
@@ -21,6 +23,7 @@ Configs:
   plugin          + plugin + sidecar (slo_unified) + SGLANG_SLO_REPORT_LOG (tests' / compare's setup)
   plugin-nolog    + plugin + sidecar, SGLANG_SLO_REPORT_LOG unset
   plugin-nosidecar  + plugin, no planner (launcher --no-planner: SGLANG_SLO_PLANNER unset)
+  plugin-nice     plugin, the sidecar 10 nice levels below the engine (launcher --planner-nice 10)
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ from tests.sglang_support.tiny_llama import make_tiny_llama
 
 PROBE = Path(__file__).resolve().parent / "profile_probe"
 PRIO = ("--enable-priority-scheduling",)
-CONFIGS = {  # name -> (plugin, extra SGLang args, report log on, sidecar on)
-    "default": (False, (), False, False),
-    "default-prio": (False, PRIO, False, False),
-    "plugin": (True, PRIO, True, True),
-    "plugin-nolog": (True, PRIO, False, True),
-    "plugin-nosidecar": (True, PRIO, True, False),
+CONFIGS = {  # name -> (plugin, extra SGLang args, report log on, sidecar on, launcher args)
+    "default": (False, (), False, False, ()),
+    "default-prio": (False, PRIO, False, False, ()),
+    "plugin": (True, PRIO, True, True, ()),
+    "plugin-nolog": (True, PRIO, False, True, ()),
+    "plugin-nosidecar": (True, PRIO, True, False, ()),
+    "plugin-nice": (True, PRIO, True, True, ("--planner-nice", "10")),
 }
 DECODE_RE = re.compile(r"Decode batch.*?#running-req:\s*(\d+),.*?gen throughput \(token/s\):\s*([0-9.]+),\s*"
                        r"#queue-req:\s*(\d+)")
@@ -56,9 +60,9 @@ PROMPT = "def main():\n    return json.dumps(x)\n"
 
 
 def make_server(name: str, model: Path, workdir: Path, log_interval: int, profile: str | None):
-    plugin, extra, report_log, sidecar = CONFIGS[name]
+    plugin, extra, report_log, sidecar, launcher = CONFIGS[name]
     workdir.mkdir(parents=True, exist_ok=True)
-    srv = SglangCpuServer(model, plugin=plugin, workdir=workdir,
+    srv = SglangCpuServer(model, plugin=plugin, workdir=workdir, launcher_args=launcher,
                           extra_args=(*extra, "--decode-log-interval", str(log_interval)))
     if plugin and not sidecar:
         i = srv.cmd.index("--")
@@ -139,6 +143,33 @@ def summary(xs: list[float]) -> dict:
             "p90_ms": round(xs[(9 * len(xs)) // 10], 3), "mean_ms": round(statistics.fmean(xs), 3)}
 
 
+def sched_stats(srv: SglangCpuServer) -> dict[str, tuple[int, int, int]]:
+    """comm -> summed /proc/<pid>/schedstat (ns on CPU, ns waiting on a run queue, timeslices) of
+    the server's scheduler and sidecar processes (main threads)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for pid, comm in srv.descendants().items():
+        key = "scheduler" if comm.startswith("sglang::schedul") else "sidecar" if pid in srv.sidecar_pids() else None
+        if key is None:
+            continue
+        try:
+            run, wait, slices = map(int, Path(f"/proc/{pid}/schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        a = out.get(key, (0, 0, 0))
+        out[key] = (a[0] + run, a[1] + wait, a[2] + slices)
+    return out
+
+
+def sched_delta(before: dict, after: dict, iterations: int) -> dict:
+    """Per decode iteration: CPU us, run-queue wait us, timeslices (preemptions + wake-ups)."""
+    out = {}
+    for k, (r1, w1, s1) in after.items():
+        r0, w0, s0 = before.get(k, (0, 0, 0))
+        out[k] = {"cpu_us": round((r1 - r0) / 1e3 / iterations, 1), "runq_wait_us": round((w1 - w0) / 1e3 / iterations, 1),
+                  "slices": round((s1 - s0) / iterations, 2)}
+    return out
+
+
 def measure(name: str, model: Path, workdir: Path, args) -> dict:
     srv = make_server(name, model, workdir, args.log_interval, args.profile).start()
     res: dict = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3], "batch": {}}
@@ -147,6 +178,7 @@ def measure(name: str, model: Path, workdir: Path, args) -> dict:
         log_off, rep_off = _read_new(srv.log, 0)[1], _read_new(srv.report_log, 0)[1]
         for n in args.batch_sizes:
             walls, sg, rep = [], [], []
+            st0 = sched_stats(srv)
             for _ in range(args.rounds):
                 walls.append(run_batch(srv.url, n, args.tokens))
                 time.sleep(0.3)  # the last log lines flush
@@ -155,7 +187,8 @@ def measure(name: str, model: Path, workdir: Path, args) -> dict:
                 sg += decode_windows(lines, n)
                 rep += report_log_iters(rl, n)
             res["batch"][n] = {"sglang_ms_per_iter": summary(sg), "report_log_ms": summary(rep),
-                               "client_ms_per_token": round(1000 * min(walls) / args.tokens, 3)}
+                               "client_ms_per_token": round(1000 * min(walls) / args.tokens, 3),
+                               "per_iteration": sched_delta(st0, sched_stats(srv), args.rounds * args.tokens)}
     finally:
         srv.stop()
     res["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -203,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             meds = [x["batch"][b]["sglang_ms_per_iter"].get("median_ms") for x in runs[n]]
             agg[n][b] = {"sglang_ms_per_iter_medians": meds,
                          "client_ms_per_token": [x["batch"][b]["client_ms_per_token"] for x in runs[n]],
-                         "report_log_ms_medians": [x["batch"][b]["report_log_ms"].get("median_ms") for x in runs[n]]}
+                         "report_log_ms_medians": [x["batch"][b]["report_log_ms"].get("median_ms") for x in runs[n]],
+                         "scheduler_per_iteration": [x["batch"][b]["per_iteration"].get("scheduler") for x in runs[n]],
+                         "sidecar_per_iteration": [x["batch"][b]["per_iteration"].get("sidecar") for x in runs[n]]}
     doc = {"engine": "SGLang 0.5.23 CPU, tiny Llama (2x64, fp32), torch_native, OMP_NUM_THREADS=1",
            "tokens": args.tokens, "rounds": args.rounds, "repeats": args.repeats, "log_interval": args.log_interval,
            "summary": agg, "runs": runs, "wall_s": round(time.monotonic() - t0, 1), "workdir": str(work)}
