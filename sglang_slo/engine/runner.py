@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_slo.engine.attention import AttentionBatch, SequenceInput, decode_batch
+from sglang_slo.engine.attention import AttentionBatch, SequenceInput, decode_batch, position_slots
 from sglang_slo.engine.block_tables import BlockTables
 from sglang_slo.engine.decode_kv import DecodeKV
 from sglang_slo.engine.drafter import Drafter
 from sglang_slo.engine.kv_cache import KVCache
 from sglang_slo.engine.model import LlamaForCausalLM
-from sglang_slo.engine.request import Request
+from sglang_slo.engine.request import Request, RequestStatus
 from sglang_slo.engine.sampling import make_generator
 from sglang_slo.engine.scheduler import DecodeWork, ScheduledBatch
 from sglang_slo.spec.select import TreeCandidates, select_trees
@@ -80,6 +80,11 @@ class _Verify:
     (its deepest level never is); below the work's depth when a chain stopped early."""
 
 
+DENSE_IDLE_RUNS = 256
+"""Requests finishing their prefill get dense decode rows at once (`_admit_decoders`) while
+plain decode ran within this many forwards; a runner that only speculates keeps none."""
+
+
 class ModelRunner:
     """Target model and cache (+ optional drafter); `run(batch)` executes one iteration."""
 
@@ -93,6 +98,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.slo_order = slo_order
         self.decode_kv = DecodeKV(kv)
+        self._dense_reqs: list[Request] = []  # held rows' requests: keeps their ids unique
+        self._runs_since_plain = 1 << 30      # forwards since the last plain decode
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
@@ -107,10 +114,11 @@ class ModelRunner:
         out.draft_s = time.perf_counter() - t0
 
         # ---- one ragged target forward: prefill chunks, then decodes / verify trees ----
+        self._runs_since_plain += 1
         if not batch.prefills and verifies and all(v.tree is None for v in verifies):
             attn, ids, rows = self._plain_decode(verifies, out)
-        else:
-            self.decode_kv.reset()  # this forward does not extend the dense decode copy
+            self._runs_since_plain = 0
+        else:  # the dense decode copy stays: keys below committed lengths do not change
             attn, ids, rows = self._ragged(batch, verifies, out)
             if attn is None:
                 return out
@@ -162,6 +170,8 @@ class ModelRunner:
                 r.num_accepted += vr.accepted
             o += n
             self._commit(v, path, moves, draft_moves)
+        if batch.prefills and self._runs_since_plain <= DENSE_IDLE_RUNS:
+            self._admit_decoders(batch, out)
         if moves[0]:
             self.kv.move_slots(*moves)
         if draft_moves[0]:
@@ -174,22 +184,45 @@ class ModelRunner:
 
     # ---- pieces ------------------------------------------------------------------------
 
+    def _admit_decoders(self, batch: ScheduledBatch, out: RunOutput) -> None:
+        """Rows in the dense decode copy for requests whose prefill completed in this forward
+        (they decode next): the copy is paid here, ~1 us per prompt token on the tiny pair,
+        not by their first decode step (where it was ~20-30% of the step)."""
+        done = []
+        for p in batch.prefills:
+            r, res = p.req, out.results.get(p.req.rid)
+            if not r.is_prefilling and (r.output_ids or (res and res.new_tokens)) and not (res and res.error):
+                done.append(r)
+        if done:
+            tables = [self.tables.table(r.rid) for r in done]
+            # Rows of finished or preempted requests are taken first (their objects stay
+            # referenced until the next plain decode replaces the held set: ids stay unique).
+            alive = {dense_key(r) for r in self._dense_reqs if r.status is RequestStatus.RUNNING}
+            self.decode_kv.admit([dense_key(r) for r in done], [r.num_computed for r in done],
+                                 lambda n: position_slots(tables, n, self.kv.block_size, self.device),
+                                 alive=alive)
+            self._dense_reqs = self._dense_reqs + done
+
     def _plain_decode(self, verifies: list[_Verify], out: RunOutput):
         """Inputs of a forward of roots only: tensor-built metadata over the dense decode
-        copy (no per-layer gathers while the batch keeps its requests). A batch of the held
-        requests in another order runs in the held order; rows (None = all, in order) put
-        the logits back in `verifies` order."""
+        copy (no per-layer gathers; rows of requests that joined, or that committed tokens in
+        other forwards since, are brought up to date). The batch runs in the copy's row
+        order; rows (None = all, in order) put the logits back in `verifies` order."""
         reqs = [v.work.req for v in verifies]
-        rids = tuple(r.rid for r in reqs)
-        order, rows = self.decode_kv.order_of(rids), None
+        # A row's key is one request lifetime: a preempted request is recomputed, and a
+        # request id may come back as another request (its object stays referenced while
+        # held, so id() cannot be reused meanwhile).
+        keys = tuple(map(dense_key, reqs))
+        order, rows = self.decode_kv.order_of(keys), None
         if order is not None:
-            reqs, rids = [reqs[i] for i in order], tuple(rids[i] for i in order)
+            reqs, keys = [reqs[i] for i in order], tuple(keys[i] for i in order)
             rows = [0] * len(order)
             for pos, i in enumerate(order):
                 rows[i] = pos
+        self._dense_reqs = reqs
         ctx = [r.num_computed for r in reqs]
         attn = decode_batch([self.tables.table(r.rid) for r in reqs], ctx, self.kv.block_size,
-                            self.decode_kv, rids, self.device)
+                            self.decode_kv, keys, self.device)
         out.verify_tokens += len(reqs)
         out.context_tokens += sum(ctx) + len(reqs)
         return attn, [r.output_ids[-1] for r in reqs], rows
@@ -280,6 +313,12 @@ class ModelRunner:
                 draft_moves[0].extend(self.tables.slots(r.rid, [a for a, _ in pairs], draft=True))
                 draft_moves[1].extend(self.tables.slots(r.rid, [b for _, b in pairs], draft=True))
             r.num_draft_computed = n_tok + len(fed)
+
+
+def dense_key(r: Request) -> tuple:
+    """Key of a request's row in the dense decode copy: one lifetime of its KV (a preempted
+    request is recomputed; an id may come back as another request object)."""
+    return (r.rid, id(r), r.num_preemptions)
 
 
 def _finite_and_argmax(logits: torch.Tensor) -> tuple[list[bool], list[int]]:
