@@ -53,4 +53,7 @@ def test_profile_writes_a_profile_the_planner_loads(pair_dir, tmp_path, capsys):
     assert prof.name == "cpu-test" and prof.engine.kv_capacity_tokens == 2048 and prof.engine.max_depth > 0
     assert prof.cost.iteration_time(0, 1, 0, 16) > 0
     assert summary["held_out"]["iterations"] > 0 and summary["train"]["iterations"] > 0
+    by_kind = summary["held_out_by_kind"]
+    assert by_kind and sum(k["iterations"] for k in by_kind.values()) == summary["held_out"]["iterations"]
+    assert summary["noise_floor"]["median_ape_between_sweeps"] is not None  # 5 sweeps by default
     assert len(prof.acceptance_priors["default"]) == 2

@@ -8,14 +8,18 @@ Every sample is a real `Engine.step()`: short episodes with a fixed plan (concur
 prompt length, prefill chunk, draft depth/width) sweep (prefill tokens, verify tokens, draft
 steps, context tokens); each IterationReport gives one row (prefill, verify, draft_steps,
 context, draft_tokens, seconds = end_s - start_s), exactly what the planner's online refit
-sees. Per-position greedy acceptance of chains is measured on the way and written as the
-profile's acceptance prior. A held-out set of randomly mixed episodes (other seeds, mixed
-shapes) reports the fitted model's prediction error.
+sees. Prompt lengths vary within an episode (attention pads to the longest). Randomly mixed
+episodes (every step draws its own chunk/depth/width/budget) join the training rows; another
+set of them, from other seeds, is held out and reports the fitted model's prediction error
+(overall and per iteration kind). The whole sweep runs --repeats times and each iteration
+keeps its fastest run, runs minutes apart. Per-position greedy acceptance of chains is
+measured on the way and written as the profile's acceptance prior.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -47,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-capacity-tokens", type=int, default=65536, help="KV slots of the profiled engine")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="largest forward the engine runs")
     parser.add_argument("--new-tokens", type=int, default=12, help="output tokens per request in an episode")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="run each episode this often; identical iterations keep --timing of their times")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="run the whole sweep this often; identical iterations keep --timing of their times")
     parser.add_argument("--timing", choices=["min", "mean"], default="min",
                         help="per iteration over the repeats: min (contention only adds time) or mean")
     parser.add_argument("--grid", choices=["full", "quick", "smoke"], default="full",
@@ -100,21 +104,16 @@ def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: in
     return rows, accepted
 
 
-def repeated(run, repeats: int, rng: random.Random | None = None, stat: str = "min") -> tuple[list[tuple], list[int]]:
-    """`run(rng)` (one episode) `repeats` times from the same state; each row's seconds are
-    the minimum (default) or the mean over the repeats whose row has the same features
-    (deterministic episodes repeat exactly). On a shared machine contention only ever adds
-    time, so the minimum estimates the work's own cost best (as `timeit` does); the
-    planner's online scale absorbs the contention of the moment."""
-    state = rng.getstate() if rng is not None else None
-    rows, acc = run(rng)
-    if repeats <= 1:
-        return rows, acc
-    times = [[(r[5], r[6])] for r in rows]  # per row: (cpu_s, wall_s) of each matching repeat
-    for _ in range(repeats - 1):
-        if rng is not None:
-            rng.setstate(state)
-        again, _ = run(rng)
+def combine(runs: list[list[tuple]], stat: str = "min") -> list[tuple]:
+    """Rows of one episode run several times (`runs[0]` first): each row's seconds become
+    the minimum (default) or the mean over the runs whose row has the same features
+    (deterministic episodes repeat exactly; a run of another length is skipped). On a
+    shared machine contention only ever adds time, so the minimum estimates the work's own
+    cost best (as `timeit` does); the planner's online scale absorbs the contention of the
+    moment."""
+    rows = runs[0]
+    times = [[(r[5], r[6])] for r in rows]  # per row: (cpu_s, wall_s) of each matching run
+    for again in runs[1:]:
         if len(again) != len(rows):
             continue
         for i, (a, b) in enumerate(zip(rows, again)):
@@ -122,7 +121,7 @@ def repeated(run, repeats: int, rng: random.Random | None = None, stat: str = "m
                 times[i].append((b[5], b[6]))
     pick = min if stat == "min" else (lambda xs: sum(xs) / len(xs))
     return [tuple(r[:5]) + (pick([t[0] for t in ts]), pick([t[1] for t in ts])) + tuple(r[7:])
-            for r, ts in zip(rows, times)], acc
+            for r, ts in zip(rows, times)]
 
 
 def grid(size: str, spec: bool):
@@ -161,6 +160,34 @@ def prediction_error(model: CostModel, rows: list[tuple]) -> dict:
     return {"iterations": len(rows), "mape": round(float(ape.mean()), 4), "median_ape": round(float(np.median(ape)), 4),
             "p90_ape": round(float(np.quantile(ape, 0.9)), 4),
             "total_time_error": round(float(abs(pred.sum() - meas.sum()) / meas.sum()), 4)}
+
+
+def iteration_kind(row: tuple) -> str:
+    """What an iteration ran (rows from `episode` or `seconds`): 'prefill' (chunks only),
+    'mixed' (chunks and decodes in one forward), 'decode' (plain decode, no drafting),
+    'spec' (drafted chains), 'tree' (a verified tree wider than a chain)."""
+    prefill, verify, steps = row[0], row[1], row[2]
+    if prefill:
+        return "mixed" if verify else "prefill"
+    if not steps:
+        return "decode"
+    return "tree" if row[-1] else "spec"
+
+
+def error_by_kind(model: CostModel, rows: list[tuple]) -> dict:
+    """Per `iteration_kind`: iterations, mean signed error (bias: (predicted - measured) /
+    measured, negative = the model is too fast) and MAPE of `model` on rows from `seconds()`."""
+    out = {}
+    for kind in ("prefill", "mixed", "decode", "spec", "tree"):
+        sub = [r for r in rows if iteration_kind(r) == kind]
+        if not sub:
+            continue
+        meas = np.array([r[5] for r in sub])
+        pred = np.array([model.iteration_time(*map(int, r[:5] + tuple(r[6:9]))) for r in sub])
+        rel = (pred - meas) / meas
+        out[kind] = {"iterations": len(sub), "bias": round(float(rel.mean()), 4),
+                     "mape": round(float(np.abs(rel).mean()), 4)}
+    return out
 
 
 def online_prediction_error(model: CostModel, rows: list[tuple]) -> dict:
@@ -203,33 +230,58 @@ def run(args: argparse.Namespace) -> int:
     held_rng = random.Random(args.seed + 1000)
     mix_rng = random.Random(args.seed + 2000)
     every = max(1, len(points) // {"smoke": 1, "quick": 6}.get(args.grid, 32))
-    held = []
+    # The sweep's episodes: (kind, run) with kind "grid", "mix" (training) or "held".
+    # Random mixes draw their per-step shapes from their own seed (held-out and training
+    # mixes from different streams: no held-out episode is ever trained on).
+    episodes = []
     for i, (conc, plen, chunk, (depth, width)) in enumerate(points):
-        prompts = [p[: min(plen, room)] for p in rng.sample(pool, conc)]
-        got, acc = repeated(lambda _: episode(engine, prompts, args.new_tokens, chunk, depth, width,
-                                              1 + depth * width, args.max_batch_tokens), args.repeats,
-                            stat=args.timing)
-        rows += got[1:]  # first step of an episode carries one-off costs (prompt pages, allocs)
-        if width == 1 and depth:
-            acc_by_depth.setdefault(depth, []).extend(acc)
+        # Prompt lengths spread around plen, as in any served batch: attention runs padded to
+        # the longest sequence of a batch (or group), so equal lengths (the sweep before) made
+        # the fit ~15-25% too fast on the held-out mixes' unequal batches (every kind).
+        prompts = [p[: rng.randint(max(8, plen // 4), min(room, 2 * plen))] for p in rng.sample(pool, conc)]
+        episodes.append(("grid", depth if width == 1 else 0, functools.partial(
+            episode, engine, prompts, args.new_tokens, chunk, depth, width, 1 + depth * width,
+            args.max_batch_tokens)))
         if i % every == every - 1:
-            conc = mix_rng.choice([1, 3, 6, 12, 24])
-            prompts = [p[: mix_rng.randint(8, room)] for p in mix_rng.sample(pool, conc)]
-            rows += repeated(lambda g: episode(engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=g),
-                             args.repeats, mix_rng, args.timing)[0][1:]
-            conc = held_rng.choice([1, 3, 6, 12, 24])
-            prompts = [p[: held_rng.randint(8, room)] for p in held_rng.sample(pool, conc)]
-            held += repeated(lambda g: episode(engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=g),
-                             args.repeats, held_rng, args.timing)[0][1:]
+            for kind, mrng in (("mix", mix_rng), ("held", held_rng)):
+                conc = mrng.choice([1, 3, 6, 12, 24])
+                prompts = [p[: mrng.randint(8, room)] for p in mrng.sample(pool, conc)]
+                seed = mrng.getrandbits(32)
+                episodes.append((kind, 0, lambda prompts=prompts, seed=seed: episode(
+                    engine, prompts, args.new_tokens, 0, 0, 1, 1, 0, rng=random.Random(seed))))
+    # The whole sweep runs `repeats` times and each iteration keeps the min over its runs:
+    # runs minutes apart, not back to back, so a burst of another process's load (seconds)
+    # rarely hits every run of one iteration.
+    runs: list[list[list[tuple]]] = [[] for _ in episodes]
+    for rep in range(max(1, args.repeats)):
+        for k, (kind, chain_depth, fn) in enumerate(episodes):
+            got, acc = fn()
+            runs[k].append(got)
+            if rep == 0 and chain_depth:
+                acc_by_depth.setdefault(chain_depth, []).extend(acc)
+    held, mixes = [], []  # held-out rows; training rows from random mixes (their indices)
+    for (kind, _, _), rr in zip(episodes, runs):
+        got = combine(rr, args.timing)[1:]  # an episode's first step carries one-off costs
+        if kind == "held":
+            held += got
+        else:
+            if kind == "mix":
+                mixes += range(len(rows), len(rows) + len(got))
+            rows += got
+    # Noise between sweeps: the same iteration's CPU time in the first two sweeps.
+    pairs = [(a[5], b[5]) for rr in runs if len(rr) > 1 and len(rr[0]) == len(rr[1])
+             for a, b in zip(rr[0][1:], rr[1][1:]) if a[:5] == b[:5]]
+    sweep_noise = (round(float(np.median([abs(a - b) / b for a, b in pairs])), 4) if pairs else None)
     # Noise floor: one deterministic episode (fixed shapes, greedy) timed twice, row by row.
     fixed = [p[:64] for p in pool[:8]]
     t1, t2 = (np.array([r[5] for r in episode(engine, fixed, args.new_tokens, 64, 2, 1, 3, 1024)[0][1:]])
               for _ in range(2))
     n = min(len(t1), len(t2))
     noise = {"median_ape_between_runs": round(float(np.median(np.abs(t1[:n] - t2[:n]) / t2[:n])), 4),
-             "mape_between_runs": round(float(np.mean(np.abs(t1[:n] - t2[:n]) / t2[:n])), 4)}
+             "mape_between_runs": round(float(np.mean(np.abs(t1[:n] - t2[:n]) / t2[:n])), 4),
+             "median_ape_between_sweeps": sweep_noise}
     if args.dump_rows:
-        Path(args.dump_rows).write_text(json.dumps({"train": rows, "held_out": held}))
+        Path(args.dump_rows).write_text(json.dumps({"train": rows, "held_out": held, "train_mix_rows": mixes}))
     fitted = CostModel.fit(seconds(rows))
     err_train, err_held = prediction_error(fitted, seconds(rows)), prediction_error(fitted, seconds(held))
     err_held_wall = prediction_error(fitted, seconds(held, wall=True))  # under this machine's current load
@@ -246,10 +298,10 @@ def run(args: argparse.Namespace) -> int:
             f"{len(rows)} engine iterations (CPU seconds of Engine.step on its thread, OMP=1) over a grid of\n"
             f"concurrency, prompt length, prefill chunk and draft depth/width, fit by CostModel.fit.\n"
             f"CPU time is the work's own cost; the planner's online `scale` absorbs contention.\n"
-            f"Each episode ran {args.repeats}x; identical iterations keep the {args.timing} of their times.\n"
+            f"The sweep ran {args.repeats}x; identical iterations keep the {args.timing} of their times.\n"
             f"Held-out random mixes ({len(held)} iterations): {json.dumps(err_held)}.\n"
             f"The same, predicted one step ahead with the online scale: {json.dumps(err_held_online)}.\n"
-            f"Noise floor (one fixed episode timed twice back to back): {json.dumps(noise)}.\n"
+            f"Noise (one fixed episode timed twice back to back; the same iterations in two sweeps): {json.dumps(noise)}.\n"
             f"Acceptance: greedy chains of depth {deepest}, per-position conditional rates.\n"),
         "engine": EngineLimits.from_hello(hello).__dict__ | {"depth_tiers": []},
         "cost": {k: (int(v) if k == "knee_tokens" else float(f"{v:.6g}")) for k, v in fitted.coefficients().items()},
@@ -261,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).write_text(header + yaml.safe_dump(doc, sort_keys=False, width=120))
     summary = {"out": args.out, "train": err_train, "held_out": err_held, "held_out_online": err_held_online,
                "held_out_wall_time": err_held_wall,
+               "train_by_kind": error_by_kind(fitted, seconds(rows)),
+               "held_out_by_kind": error_by_kind(fitted, seconds(held)),
                "noise_floor": noise, "coefficients": doc["cost"],
                "acceptance": doc.get("acceptance", {}), "seconds": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(summary))
