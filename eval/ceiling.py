@@ -180,15 +180,17 @@ def ceiling(workload: str, hardware: str | Path, policies: list[str], rates: lis
     for rate in rates:
         w = make_workload(workload, hardware, rate=rate, duration_s=duration_s, seed=seed)
         rest, dropped = drop_class(w, give_up)
-        row = {}
-        for p in policies:
-            att = lambda trace: summarize(simulate(trace, hardware, p, seed=seed).records, duration_s)["overall"][  # noqa: E731
-                "attainment_slos_serve"]
-            row[p] = {"attainment_slos_serve": round(att(w), 4),
-                      f"attainment_without_{give_up}": round(att(rest) * len(rest.requests) / len(w.requests), 4),
-                      f"{give_up}_requests_given_up": dropped}
-        out["rates"][str(rate)] = row
+        out["rates"][str(rate)] = {p: {
+            "attainment_slos_serve": round(_attainment(w, hardware, p, seed), 4),
+            f"attainment_without_{give_up}": round(_attainment(rest, hardware, p, seed) * len(rest.requests)
+                                                   / len(w.requests), 4),
+            f"{give_up}_requests_given_up": dropped} for p in policies}
     return out
+
+
+def _attainment(w: Workload, hardware: str | Path, policy: str, seed: int) -> float:
+    """Overall SLOs-Serve attainment of `policy` on the simulated trace."""
+    return summarize(simulate(w, hardware, policy, seed=seed).records, w.duration_s)["overall"]["attainment_slos_serve"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,7 +189,7 @@ class DecodeKV:
                 n_k: int) -> bool:
         """Bring rows 0..B-1 to hold `rids`' keys 0 .. context_lens[i]-1: keep, move, catch up
         or fill each row (see the module docstring). False (and nothing held) if too big."""
-        kv, b = self.kv, len(rids)
+        b = len(rids)
         held = {r: (j, n) for j, (r, n) in enumerate(zip(self.rids, self.lens))}
         # Per row: the held row its keys come from (None: fill from position 0), and the
         # first position to copy from the paged cache.

@@ -91,9 +91,10 @@ def slo_room(cost, max_tokens: int, sizes: list[int], head_wait_s: float, dec: D
         return 0, 0.0
     total = min(sum(sizes), max_tokens)
     t_all = prefill_seconds(cost, total)
-    if dec is None or t_all <= dec.allowance() or not dec.saved_by_waiting(t_all, head_wait_s):
+    allow = dec.allowance() if dec is not None else math.inf
+    if t_all <= allow or not dec.saved_by_waiting(t_all, head_wait_s):
         return total, t_all
-    allow = dec.allowance()  # waiting saves a decoder: only what every decoder absorbs goes now
+    # waiting saves a decoder: only what every decoder absorbs goes now
     room, t_room = 0, 0.0
     for n in sizes:  # the longest EDF prefix of whole prompts
         if room + n > max_tokens:
