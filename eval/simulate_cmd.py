@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rescale SLO classes by the profile's unloaded TPOT (CPU tiny-model profiles)")
     p.add_argument("--save-workload", default=None, help="write the generated workload as JSON")
     p.add_argument("--over-zmq", action="store_true", help="run each planner as a `python -m sidecar` process over ipc://")
+    p.add_argument("--no-mixed-forward", action="store_true",
+                   help="engine cannot mix prefill and decode in one forward (SGLang's default, no --enable-mixed-chunk)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="policy config override for every policy (VALUE parsed as YAML), repeatable")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from eval.capacity import find_capacity
     from eval.compare import compare, make_workload
     from eval.report import text_table
+    from eval.simulator import SimConfig
     from eval.workloads import save_workload
     from sidecar.policies.base import policy_names
 
@@ -49,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         overrides = _overrides(args.overrides)
+        config = SimConfig(mixed_forward=not args.no_mixed_forward)
         w = make_workload(args.workload, args.hardware, rate=args.rate, duration_s=args.duration, seed=args.seed,
                           max_context=args.max_context, scale_slos=args.scale_slos)
         if args.save_workload:
             save_workload(w, args.save_workload)
-        results = compare(w, args.hardware, policies, seed=args.seed, over_zmq=args.over_zmq,
+        results = compare(w, args.hardware, policies, seed=args.seed, over_zmq=args.over_zmq, config=config,
                           policy_overrides=overrides)
         capacity = None
         if args.sweep:
@@ -62,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
                 c = find_capacity(args.workload, args.hardware, p, target=args.target, definition=args.definition,
                                   start_rate=w.rate, duration_s=w.duration_s, seed=args.seed,
                                   max_context=args.max_context, scale_slos=args.scale_slos,
-                                  policy_overrides=overrides, seeds=args.sweep_seeds)
+                                  policy_overrides=overrides, seeds=args.sweep_seeds, config=config)
                 capacity[p] = {"rate": c.rate, "attainment": c.attainment, "probes": c.probes}
     except (ValueError, TypeError, RuntimeError) as e:
         print(f"simulate: {e}", file=sys.stderr)
         return 2
     doc = {"workload": w.name, "hardware": args.hardware, "rate": w.rate, "duration_s": w.duration_s,
-           "seed": args.seed, "requests": len(w.requests), "over_zmq": args.over_zmq, "results": results,
+           "seed": args.seed, "requests": len(w.requests), "over_zmq": args.over_zmq,
+           "mixed_forward": config.mixed_forward, "results": results,
            "capacity": capacity, "target": args.target, "definition": args.definition,
            "wall_s": time.perf_counter() - t0}
     if args.out:

@@ -58,6 +58,10 @@ class SimConfig:
     """Check the KV block invariant every iteration (tests)."""
     time_noise_sigma: float = 0.0
     """Sd of a log-normal factor on every iteration's time (0 = the cost model exactly)."""
+    mixed_forward: bool = True
+    """Prefill chunks and decodes may share a forward (SGLang with `--enable-mixed-chunk`).
+    False: SGLang's default, told to the planner in the hello; a forward with any prefill
+    chunk runs prefill only and that iteration's decodes wait for the next."""
 
     def __post_init__(self):
         if self.slo_order not in SLO_ORDERS:
@@ -98,7 +102,8 @@ class Simulator:
             spec_modes=[protos.SpecMode.TREE, protos.SpecMode.CHAIN, protos.SpecMode.NONE],
             max_batch_tokens=lim.max_batch_tokens, kv_capacity_tokens=lim.kv_capacity_tokens,
             max_depth=lim.max_depth, max_width=lim.max_width, depth_tiers=list(lim.depth_tiers),
-            kv_block_tokens=lim.kv_block_tokens, config_hash=f"sim:{self.profile.name}")
+            kv_block_tokens=lim.kv_block_tokens, config_hash=f"sim:{self.profile.name}",
+            mixed_forward=config.mixed_forward)
         self._build_requests()  # before the planner starts: bad input must not leak a sidecar
         self.link = None
         if policy is not None:
@@ -114,7 +119,7 @@ class Simulator:
         self._held: protos.Plan | None = None  # answer to the last report, applied after the next step
         self._stale: dict[str, SimRequest] = {}  # preempted or planned-but-not-run since the last report
         self._demotions_noted: protos.Plan | None = None  # last plan whose demotions were recorded
-        self.stats = dict(iterations=0, plan_iterations=0, fallback_iterations=0, idle_ticks=0,
+        self.stats = dict(iterations=0, mixed_iterations=0, plan_iterations=0, fallback_iterations=0, idle_ticks=0,
                           preemptions=0, prefix_hits=0, prefix_tokens_reused=0, verified=0,
                           accepted=0, spec_verifies=0, busy_s=0.0, peak_kv_frac=0.0)
 
@@ -225,6 +230,8 @@ class Simulator:
                     self._held = None
                 msgs: list = []
                 batch = self.sched.schedule(self.plan, self.now)
+                if not self.config.mixed_forward and batch.prefills:
+                    batch.decodes = []  # they stay running; _note_stale reports them unrun
                 for r in batch.rejected:
                     self._finish(r, Outcome.REJECTED, protos.FinishReason.REJECTED, msgs)
                 for r, _ in batch.failed:
@@ -336,6 +343,7 @@ class Simulator:
         self._last_verify, self._last_draft_steps, self._last_context = verify_tokens, draft_steps, context
         st = self.stats
         st["iterations"] += 1
+        st["mixed_iterations"] += bool(batch.prefills and batch.decodes)
         st["plan_iterations" if batch.plan_step >= 0 else "fallback_iterations"] += 1
         st["busy_s"] += dt
         st["peak_kv_frac"] = max(st["peak_kv_frac"], 1 - self.kv.free_blocks / self.kv.total_blocks)

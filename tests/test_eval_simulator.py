@@ -52,6 +52,18 @@ def test_in_process_equals_over_zmq(policy):
     assert trace(remote) == trace(local)
 
 
+def test_engine_without_mixed_forwards_never_mixes_and_finishes_everything():
+    """SGLang's default engine (no --enable-mixed-chunk): a forward with a prefill chunk runs
+    no decodes; the planner hears so in the hello; no request is lost for it."""
+    w = small_mixed(rate=8.0)
+    mixed = simulate(w, H100, "slo_unified", seed=0)
+    split = simulate(w, H100, "slo_unified", seed=0, config=SimConfig(mixed_forward=False, check_kv=True))
+    assert mixed.stats["mixed_iterations"] > 0
+    assert split.stats["mixed_iterations"] == 0 and split.stats["plan_failures"] == 0
+    assert all(r.outcome is Outcome.FINISHED for r in split.records)
+    assert trace(split) != trace(mixed)
+
+
 def test_all_requests_finish_and_emit_their_tokens():
     w = small_mixed()
     res = simulate(w, H100, "fcfs", seed=0, config=SimConfig(check_kv=True))
