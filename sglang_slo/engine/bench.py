@@ -4,6 +4,7 @@
     sglang-slo bench-engine --pair DIR --json                          # DIR/target, DIR/draft
     sglang-slo bench-engine --random-model 2,256,1024,4,4096 --json    # a random-init model of
                                                                        # a given shape (no spec)
+    sglang-slo bench-engine --device cuda --dtype bfloat16 --json      # on the GPU
 
 Measures, greedy, prompts cut from Python stdlib sources (random ids for --random-model):
 - single stream tokens/s without speculation and with it (beam trees of --depth/--width,
@@ -11,11 +12,13 @@ Measures, greedy, prompts cut from Python stdlib sources (random ids for --rando
 - aggregate tokens/s at each --concurrency (all requests submitted at once), without and
   with speculation;
 - tokens per CPU second of the engine thread next to tokens per wall second: on a shared
-  machine the first is the engine's own speed, the second what it got under the load;
+  machine the first is the engine's own speed, the second what it got under the load (on
+  CUDA the thread's CPU time is the host side only: read the wall numbers);
 - Python overhead per iteration as a fraction of model time: (iteration wall time -
   model time) / model time, from the engine's own IterationReports (`forward_s` is the time
-  inside the models' forward + LM head calls; everything else -- scheduling, attention
-  metadata, beam bookkeeping, selection, verification, KV commit -- counts as overhead).
+  inside the models' forward + LM head calls, GPU work included on CUDA; everything else --
+  scheduling, attention metadata, beam bookkeeping, selection, verification, KV commit --
+  counts as overhead).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from protos import messages as protos
 from sglang_slo.engine.config import ModelConfig
+from sglang_slo.engine.device import Placement, add_device_arguments
 from sglang_slo.engine.engine import Engine, EngineConfig
 from sglang_slo.engine.loader import load_model
 from sglang_slo.engine.model import LlamaForCausalLM
@@ -61,23 +65,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep single-stream speculation over depth x width and report each")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
+    add_device_arguments(parser)
 
 
-def _models(args) -> tuple[LlamaForCausalLM, LlamaForCausalLM | None, str]:
+def _models(args, where: Placement) -> tuple[LlamaForCausalLM, LlamaForCausalLM | None, str]:
+    dtype, device = where.torch_dtype, where.device
     if args.random_model:
         layers, hidden, inter, heads, vocab = (int(x) for x in args.random_model.split(","))
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                           num_hidden_layers=layers, num_attention_heads=heads,
                           num_key_value_heads=heads, max_position_embeddings=2048)
-        return LlamaForCausalLM(cfg).eval(), None, f"random {args.random_model}"
+        return LlamaForCausalLM(cfg).eval().to(device, dtype), None, f"random {args.random_model}"
     if args.model:
-        return (load_model(args.model, dtype=torch.float32),
-                load_model(args.draft, dtype=torch.float32) if args.draft else None, args.model)
+        return (load_model(args.model, dtype=dtype, device=device),
+                load_model(args.draft, dtype=dtype, device=device) if args.draft else None, args.model)
     from sglang_slo.engine.train_tiny import ensure_tiny_pair
 
     pair = Path(args.pair) if args.pair else ensure_tiny_pair()
-    return load_model(pair / "target", dtype=torch.float32), load_model(pair / "draft", dtype=torch.float32), str(pair)
+    return (load_model(pair / "target", dtype=dtype, device=device),
+            load_model(pair / "draft", dtype=dtype, device=device), str(pair))
 
 
 def bench_prompts(n: int, length: int, vocab: int, model_dir: str | None, seed: int = 0) -> list[list[int]]:
@@ -98,8 +105,10 @@ def bench_prompts(n: int, length: int, vocab: int, model_dir: str | None, seed: 
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
-def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0) -> dict:
-    """All prompts at once, greedy, to completion; returns throughput and per-step stats."""
+def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0,
+              where: Placement = Placement()) -> dict:
+    """All prompts at once, greedy, to completion; returns throughput and per-step stats.
+    (Every step ends with the logits on the host, so wall times include the GPU's work.)"""
     spec = draft is not None and depth > 0
     cap = tree_cap or 1 + depth * width
     sched = SchedulerConfig(max_batch_tokens=8192, max_running=max(64, len(prompts)),
@@ -108,7 +117,7 @@ def run_point(target, draft, prompts, new_tokens, depth=0, width=1, tree_cap=0) 
                             fallback_width=width, fallback_tree_cap=cap if spec else 1)
     eng = Engine(target, draft if spec else None,
                  EngineConfig(kv_capacity_tokens=max(4096, len(prompts) * (len(prompts[0]) + new_tokens + 64)),
-                              block_size=16, scheduler=sched))
+                              block_size=16, scheduler=sched, device=where.device, dtype=where.dtype))
     for i, p in enumerate(prompts):
         eng.add_request(f"b{i}", p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), _SLO)
     tokens, steps, forward_s, wall_iter, verifies, accepted = 0, 0, 0.0, 0.0, 0, 0
@@ -162,16 +171,19 @@ def _combine(runs: list[dict]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    target, draft, where = _models(args)
+    place = Placement.from_args(args)
+    target, draft, where = _models(args, place)
     vocab = target.config.vocab_size
     room = target.config.max_position_embeddings - args.new_tokens - 1
     plen = max(1, min(args.prompt_len, room))
     src = args.pair or args.model or (where if not args.random_model else None)
     max_conc = max([args.single_prompts] + args.concurrency)
     prompts = bench_prompts(max_conc, plen, vocab, src)
-    run_point(target, draft, prompts[:1], 8)  # warm-up (allocator, first-call paths)
+    run_point(target, draft, prompts[:1], 8, where=place)  # warm-up (allocator, first-call paths)
+    if draft is not None and args.depth > 0:  # and the speculative paths (CUDA: their kernels)
+        run_point(target, draft, prompts[:2], 8, args.depth, args.width, args.tree_cap, place)
     out: dict = {
-        "model": where, "omp_num_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "model": where, **place.describe(), "omp_num_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "prompt_tokens": plen, "new_tokens": args.new_tokens,
         "spec": {"depth": args.depth, "width": args.width, "tree_cap": args.tree_cap or 1 + args.depth * args.width},
     }
@@ -189,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     for _ in range(max(1, args.repeats)):
         for p in singles:
             for name, (dm, d, w, cap) in configs.items():
-                runs[name].append(run_point(target, dm, [p], args.new_tokens, d, w, cap))
+                runs[name].append(run_point(target, dm, [p], args.new_tokens, d, w, cap, place))
     single = {k: _combine(v) for k, v in runs.items()}
     base = out["single_stream"] = single["plain"]
     if "spec" in single:
@@ -211,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(max(1, args.repeats)):
             for name in point:
                 dm, d, w, cap = configs[name]
-                point[name].append(run_point(target, dm, prompts[:c], args.new_tokens, d, w, cap))
+                point[name].append(run_point(target, dm, prompts[:c], args.new_tokens, d, w, cap, place))
         out["concurrent"][str(c)] = {k: _combine(v) for k, v in point.items()}
         if "spec" in point:
             res = out["concurrent"][str(c)]

@@ -140,9 +140,9 @@ class DecodeKV:
         n_k = max(lens) + 1
 
         def slots() -> torch.Tensor:  # rows not picked copy nothing: any slot will do
-            got = k_slots(n_k)[torch.tensor(pick, dtype=torch.int64)]
+            got = k_slots(n_k)[torch.tensor(pick, dtype=torch.int64, device=self.kv.k.device)]
             out = got.new_zeros(len(keys), got.shape[1])
-            out[torch.tensor(rows, dtype=torch.int64)] = got
+            out[torch.tensor(rows, dtype=torch.int64, device=got.device)] = got
             return out
 
         return len(pick) if self._update(tuple(keys), lens, slots, n_k) else 0

@@ -25,6 +25,7 @@ import torch
 from sglang_slo.engine.attention import (AttentionBatch, AttentionGroup, SequenceInput, decode_step_batch,
                                          position_slots)
 from sglang_slo.engine.block_tables import BlockTables
+from sglang_slo.engine.device import synchronizer
 from sglang_slo.engine.kv_cache import KVCache
 from sglang_slo.engine.model import LlamaForCausalLM
 from sglang_slo.engine.request import Request
@@ -47,6 +48,7 @@ class Drafter:
         self.kv = kv
         self.tables = tables
         self.device = torch.device(device)
+        self._sync = synchronizer(self.device)  # model seconds include the GPU's work
         self.block_size = kv.block_size
         self.chain_stop_prob = CHAIN_STOP_PROB
         self._model_s = 0.0  # seconds of the last forward + LM head
@@ -71,7 +73,9 @@ class Drafter:
                 logp, n = self._tree_step(reqs, f)
             stats[1] += n
             stats[2] += self._model_s
-            return logp
+            # Trees are built on the host (as chains are): [F, vocab] is one small copy per
+            # level, while beam bookkeeping on a GPU is ~20 tiny kernels and syncs per level.
+            return logp.cpu()
 
         roots = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long)
         trees = build_trees(draft_step, roots, depths, widths)
@@ -96,6 +100,7 @@ class Drafter:
             batch = decode_step_batch(slots, [c - 1 for c in ctx0])
             ids = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long, device=self.device)
             logits = self.model.logits(self.model.forward(ids, batch.positions, batch, self.kv))
+            self._sync()
             model_s, fed = time.perf_counter() - t, n
             for r, c in zip(reqs, ctx0):
                 r.num_draft_computed = c
@@ -124,6 +129,7 @@ class Drafter:
             hidden = self.model.forward(arg.to(self.device), batch.positions, batch, self.kv)
             logits = self.model.logits(hidden)                   # [len(active), vocab]
             best, arg = _argmax_logprob(logits)
+            self._sync()
             model_s += time.perf_counter() - t
             fed += len(active)
             steps += 1
@@ -152,6 +158,7 @@ class Drafter:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         t = time.perf_counter()
         self.model.forward(input_ids, batch.positions, batch, self.kv)
+        self._sync()
         for r, n in chunks:
             r.num_draft_computed += n
         return time.perf_counter() - t
@@ -172,6 +179,7 @@ class Drafter:
         t = time.perf_counter()
         hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
         logits = self.model.logits(hidden[rows])
+        self._sync()
         self._model_s = time.perf_counter() - t
         for r in reqs:
             r.num_draft_computed = r.num_tokens
@@ -231,6 +239,7 @@ class Drafter:
         t = time.perf_counter()
         hidden = self.model.forward(input_ids, batch.positions, batch, self.kv)
         logits = self.model.logits(hidden)
+        self._sync()
         self._model_s = time.perf_counter() - t
         return torch.log_softmax(logits, dim=-1), n
 

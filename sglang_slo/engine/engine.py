@@ -46,7 +46,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Batch limits and the local fallback policy."""
     device: str = "cpu"
+    """Where the KV caches live and the batch tensors are made ('cpu' or 'cuda'); the models
+    must already be there (`load_model(..., device=)`)."""
     dtype: str = "float32"
+    """KV cache dtype (torch dtype name), normally the models' dtype."""
     slo_order: str = "fewest_tokens"
     """Order of AdaServe's SLO step (see spec.select.select_trees)."""
 
@@ -86,6 +89,10 @@ class Engine:
         cfg = target.config
         if draft is not None and draft.config.vocab_size != cfg.vocab_size:
             raise ValueError(f"draft vocab {draft.config.vocab_size} != target vocab {cfg.vocab_size}")
+        for name, m in (("target", target), ("draft", draft)):
+            where = next(m.parameters()).device if m is not None else None
+            if where is not None and where.type != torch.device(config.device).type:
+                raise ValueError(f"{name} model is on {where}, the engine's device is {config.device}")
         self.vocab_size = cfg.vocab_size
         self.eos_ids = frozenset(cfg.eos_token_ids)
         limit = cfg.max_position_embeddings if draft is None else min(cfg.max_position_embeddings,

@@ -14,6 +14,11 @@ set of them, from other seeds, is held out and reports the fitted model's predic
 (overall and per iteration kind). The whole sweep runs --repeats times and each iteration
 keeps its fastest run, runs minutes apart. Per-position greedy acceptance of chains is
 measured on the way and written as the profile's acceptance prior.
+
+With `--device cuda` the fit uses each step's wall time instead of its thread CPU time (the
+GPU's work is not the host thread's CPU time; each step ends with its logits on the host):
+
+    sglang-slo profile --device cuda --model DIR/target --draft DIR/draft --out configs/hardware/h200-tiny.yaml
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import yaml
 
 from protos import messages as protos
 from sglang_slo.engine.bench import bench_prompts
+from sglang_slo.engine.device import Placement, add_device_arguments
 from sglang_slo.engine.engine import Engine, EngineConfig
 from sglang_slo.engine.loader import load_model
 from sglang_slo.engine.request import SamplingParams
@@ -59,14 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sweep size: full (the profile), quick (~1/4), smoke (tests only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dump-rows", default=None, help="also write the raw (train, held-out) rows as JSON here")
+    add_device_arguments(parser)
 
 
-def _engine(target, draft, args, spec: bool) -> Engine:
+def _engine(target, draft, args, spec: bool, place: Placement) -> Engine:
     sched = SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_running=256,
                             max_depth=MAX_DEPTH if spec else 0, max_width=MAX_WIDTH,
                             fallback_budget=args.max_batch_tokens)
     return Engine(target, draft if spec else None,
-                  EngineConfig(kv_capacity_tokens=args.kv_capacity_tokens, block_size=16, scheduler=sched))
+                  EngineConfig(kv_capacity_tokens=args.kv_capacity_tokens, block_size=16, scheduler=sched,
+                               device=place.device, dtype=place.dtype))
 
 
 def episode(engine: Engine, prompts: list[list[int]], new_tokens: int, chunk: int, depth: int, width: int,
@@ -211,13 +219,15 @@ def online_prediction_error(model: CostModel, rows: list[tuple]) -> dict:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t_start = time.perf_counter()
-    target = load_model(args.model, dtype=torch.float32)
-    draft = load_model(args.draft, dtype=torch.float32) if args.draft else None
+    place = Placement.from_args(args)
+    wall = place.is_cuda  # the time the fit uses: wall on a GPU, else the thread's CPU time
+    target = load_model(args.model, dtype=place.torch_dtype, device=place.device)
+    draft = load_model(args.draft, dtype=place.torch_dtype, device=place.device) if args.draft else None
     vocab = target.config.vocab_size
     room = target.config.max_position_embeddings - args.new_tokens - 2
     pool = bench_prompts(64, room, vocab, args.model, seed=args.seed)
     rng = random.Random(args.seed)
-    engine = _engine(target, draft, args, draft is not None)  # the engine as deployed
+    engine = _engine(target, draft, args, draft is not None, place)  # the engine as deployed
     episode(engine, pool[:2], 4, 64, 0, 1, 1, 256)  # warm-up
     rows, acc_by_depth = [], {}
     # Grid points in random order, with a training mix and a held-out episode (random mix of
@@ -269,12 +279,13 @@ def run(args: argparse.Namespace) -> int:
                 mixes += range(len(rows), len(rows) + len(got))
             rows += got
     # Noise between sweeps: the same iteration's CPU time in the first two sweeps.
-    pairs = [(a[5], b[5]) for rr in runs if len(rr) > 1 and len(rr[0]) == len(rr[1])
+    col = 6 if wall else 5
+    pairs = [(a[col], b[col]) for rr in runs if len(rr) > 1 and len(rr[0]) == len(rr[1])
              for a, b in zip(rr[0][1:], rr[1][1:]) if a[:5] == b[:5]]
     sweep_noise = (round(float(np.median([abs(a - b) / b for a, b in pairs])), 4) if pairs else None)
     # Noise floor: one deterministic episode (fixed shapes, greedy) timed twice, row by row.
     fixed = [p[:64] for p in pool[:8]]
-    t1, t2 = (np.array([r[5] for r in episode(engine, fixed, args.new_tokens, 64, 2, 1, 3, 1024)[0][1:]])
+    t1, t2 = (np.array([r[6 if wall else 5] for r in episode(engine, fixed, args.new_tokens, 64, 2, 1, 3, 1024)[0][1:]])
               for _ in range(2))
     n = min(len(t1), len(t2))
     noise = {"median_ape_between_runs": round(float(np.median(np.abs(t1[:n] - t2[:n]) / t2[:n])), 4),
@@ -282,10 +293,10 @@ def run(args: argparse.Namespace) -> int:
              "median_ape_between_sweeps": sweep_noise}
     if args.dump_rows:
         Path(args.dump_rows).write_text(json.dumps({"train": rows, "held_out": held, "train_mix_rows": mixes}))
-    fitted = CostModel.fit(seconds(rows))
-    err_train, err_held = prediction_error(fitted, seconds(rows)), prediction_error(fitted, seconds(held))
+    fitted = CostModel.fit(seconds(rows, wall))
+    err_train, err_held = prediction_error(fitted, seconds(rows, wall)), prediction_error(fitted, seconds(held, wall))
     err_held_wall = prediction_error(fitted, seconds(held, wall=True))  # under this machine's current load
-    err_held_online = online_prediction_error(fitted, seconds(held))
+    err_held_online = online_prediction_error(fitted, seconds(held, wall))
     deepest = max(acc_by_depth) if acc_by_depth else 0
     hello = engine.hello()
     name = args.name or Path(args.out).stem
@@ -294,11 +305,16 @@ def run(args: argparse.Namespace) -> int:
         "source": (
             f"Measured by `sglang-slo profile --model {args.model}"
             + (f" --draft {args.draft}" if args.draft else "") + f"` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n"
-            f"embedded engine, {torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f} at the end.\n"
-            f"{len(rows)} engine iterations (CPU seconds of Engine.step on its thread, OMP=1) over a grid of\n"
-            f"concurrency, prompt length, prefill chunk and draft depth/width, fit by CostModel.fit.\n"
-            f"CPU time is the work's own cost; the planner's online `scale` absorbs contention.\n"
-            f"The sweep ran {args.repeats}x; identical iterations keep the {args.timing} of their times.\n"
+            + (f"embedded engine on {torch.cuda.get_device_name()} ({place.dtype}, torch {torch.__version__}), "
+               f"load average {os.getloadavg()[0]:.1f} at the end.\n"
+               f"{len(rows)} engine iterations (wall seconds of Engine.step) over a grid of\n"
+               if wall else
+               f"embedded engine, {torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f} at the end.\n"
+               f"{len(rows)} engine iterations (CPU seconds of Engine.step on its thread, OMP=1) over a grid of\n")
+            + "concurrency, prompt length, prefill chunk and draft depth/width, fit by CostModel.fit.\n"
+            + ("Wall time includes the GPU's work; the planner's online `scale` absorbs contention.\n" if wall else
+               "CPU time is the work's own cost; the planner's online `scale` absorbs contention.\n")
+            + f"The sweep ran {args.repeats}x; identical iterations keep the {args.timing} of their times.\n"
             f"Held-out random mixes ({len(held)} iterations): {json.dumps(err_held)}.\n"
             f"The same, predicted one step ahead with the online scale: {json.dumps(err_held_online)}.\n"
             f"Noise (one fixed episode timed twice back to back; the same iterations in two sweeps): {json.dumps(noise)}.\n"
@@ -309,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     if deepest:
         doc["acceptance"] = {"default": conditional_acceptance(acc_by_depth[deepest], deepest)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    header = "# Measured CPU profile of the embedded engine (written by `sglang-slo profile`).\n"
+    header = f"# Measured {'CUDA' if wall else 'CPU'} profile of the embedded engine (written by `sglang-slo profile`).\n"
     Path(args.out).write_text(header + yaml.safe_dump(doc, sort_keys=False, width=120))
     summary = {"out": args.out, "train": err_train, "held_out": err_held, "held_out_online": err_held_online,
                "held_out_wall_time": err_held_wall,

@@ -18,6 +18,7 @@ import torch
 from sglang_slo.engine.attention import AttentionBatch, SequenceInput, decode_batch, position_slots
 from sglang_slo.engine.block_tables import BlockTables
 from sglang_slo.engine.decode_kv import DecodeKV
+from sglang_slo.engine.device import synchronizer
 from sglang_slo.engine.drafter import Drafter
 from sglang_slo.engine.kv_cache import KVCache
 from sglang_slo.engine.model import LlamaForCausalLM
@@ -96,6 +97,7 @@ class ModelRunner:
         self.tables = tables
         self.drafter = drafter
         self.device = torch.device(device)
+        self._sync = synchronizer(self.device)  # model seconds include the GPU's work
         self.slo_order = slo_order
         self.decode_kv = DecodeKV(kv)
         self._dense_reqs: list[Request] = []  # held rows' requests: keeps their ids unique
@@ -132,6 +134,7 @@ class ModelRunner:
         if rows is not None:  # only the rows that need logits
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
         logits = self.model.logits(hidden)  # [R, vocab] float32
+        self._sync()
         out.model_s += time.perf_counter() - t_model
         finite, argmax = _finite_and_argmax(logits)  # [R] each
 
@@ -285,12 +288,12 @@ class ModelRunner:
         if r.params.greedy:
             return verify(tree, logits)
         if r.generator is None:
-            r.generator = make_generator(r.params.seed)
+            r.generator = make_generator(r.params.seed, self.device)
         return verify(tree, logits, r.params.temperature, r.params.top_p, r.generator)
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         if r.generator is None:
-            r.generator = make_generator(r.params.seed)
+            r.generator = make_generator(r.params.seed, self.device)
         probs = logits_to_probs(logits[None], r.params.temperature, r.params.top_p)[0]
         return int(torch.multinomial(probs, 1, generator=r.generator))
 

@@ -19,6 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
+from sglang_slo.engine.device import add_device_arguments
+
 log = logging.getLogger("sglang_slo.server")
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sidecar-set", action="append", default=[], metavar="KEY=VALUE",
                    help="policy config override passed to the sidecar (--set), repeatable")
     p.add_argument("--handshake-timeout-s", type=float, default=60.0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from protos.channel import ipc_endpoint
+from sglang_slo.engine.device import Placement
 from sglang_slo.engine.engine import Engine, EngineConfig
 from sglang_slo.engine.loader import load_model
 from sglang_slo.engine.planner_link import PlannerLink
@@ -43,18 +44,16 @@ class ServerRuntime:
 
     @classmethod
     def create(cls, args: argparse.Namespace) -> ServerRuntime:
-        import torch
-
         from sglang_slo.server.launch import default_hardware
 
         model_dir = Path(args.model)
         tokenizer = Tokenizer.load(model_dir)
-        dtype = getattr(torch, args.dtype)
-        target = load_model(model_dir, dtype=dtype)
-        draft = load_model(args.draft, dtype=dtype) if args.draft else None
+        where = Placement.from_args(args)
+        target = load_model(model_dir, dtype=where.torch_dtype, device=where.device)
+        draft = load_model(args.draft, dtype=where.torch_dtype, device=where.device) if args.draft else None
         sched = SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_running=args.max_running)
         engine = Engine(target, draft, EngineConfig(kv_capacity_tokens=args.kv_capacity_tokens, scheduler=sched,
-                                                    dtype=args.dtype))
+                                                    device=where.device, dtype=where.dtype))
         catalog = SloCatalog.load(args.slo_classes, args.unloaded_tpot_ms / 1000.0 if args.unloaded_tpot_ms else None,
                                   default=args.default_slo_class)
         metrics = ServerMetrics()
