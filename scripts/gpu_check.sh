@@ -20,6 +20,9 @@ T0=$(date +%s)
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}   # the profile stage runs only with this much time left
 
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+want() {  # want STAGE: GPU_CHECK_STAGES (comma-separated, default all) names it
+    case ",${GPU_CHECK_STAGES:-all}," in *,all,*|*,$1,*) return 0;; *) return 1;; esac
+}
 stage() {  # stage NAME TIMEOUT_S CMD...: log the command, its output and its exit status
     local name=$1 limit=$2; shift 2
     echo "=== $name ($(date -u +%H:%M:%S), timeout ${limit}s, $(left)s of the budget left): $*" | tee -a "$LOG"
@@ -41,37 +44,44 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     stage wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+    # Subprocesses that set their own PYTHONPATH (the tests' sidecars) see them through a .pth.
+    $PY -c "import site; open(site.getsitepackages()[0] + '/sglang_slo_wheels.pth', 'w').write('/tmp/site\n')" \
+        >> "$LOG" 2>&1 || echo "(no .pth written: subprocesses may miss the wheels)" >> "$LOG"
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 # GPU tests: the files with gpu-marked tests (the rest of tests/ may need packages absent here).
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py)
-stage gpu-tests 240 $PY -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS
+want gpu-tests && stage gpu-tests 240 $PY -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS
 
 # Engine, speculation and model tests on the CPU, under this machine's torch.
 CPU_TESTS=$(ls tests/test_engine_*.py tests/test_spec_*.py tests/test_model_*.py)
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-stage cpu-tests 240 env OMP_NUM_THREADS=1 $PY -m pytest -q -p no:cacheprovider -m "not gpu" $XDIST $CPU_TESTS
+want cpu-tests && stage cpu-tests 240 env OMP_NUM_THREADS=1 $PY -m pytest -q -p no:cacheprovider -m "not gpu" $XDIST $CPU_TESTS
 
 # Embedded engine throughput on the GPU.
 BENCH="$PY -m sglang_slo.cli bench-engine --json --device cuda --concurrency 1 8 32 64"
-stage bench-fp32 180 sh -c "$BENCH --dtype float32 --sweep > $OUT_DIR/bench_fp32.json"
-stage bench-bf16 150 sh -c "$BENCH --dtype bfloat16 > $OUT_DIR/bench_bf16.json"
-stage bench-fp32-depth4 150 sh -c "$PY -m sglang_slo.cli bench-engine --json --device cuda --depth 4 \
+want sdpa-check && stage sdpa-check 90 $PY scripts/sdpa_check.py   # JSON line in the log
+want bench-fp32 && stage bench-fp32 180 sh -c "$BENCH --dtype float32 --sweep > $OUT_DIR/bench_fp32.json"
+want bench-bf16 && stage bench-bf16 150 sh -c "$BENCH --dtype bfloat16 > $OUT_DIR/bench_bf16.json"
+want bench-fp32-depth4 && stage bench-fp32-depth4 150 sh -c "$PY -m sglang_slo.cli bench-engine --json --device cuda --depth 4 \
     --concurrency 8 32 64 128 --single-prompts 2 > $OUT_DIR/bench_fp32_depth4.json"
 
 # Greedy spec == plain in bfloat16? (float32 is asserted by tests/test_engine_cuda.py.)
-stage bf16-agreement 120 sh -c "$PY scripts/spec_agreement.py --device cuda > $OUT_DIR/agreement.json"
+want bf16-agreement && stage bf16-agreement 120 sh -c "$PY scripts/spec_agreement.py --device cuda \
+    --prompts 16 --new-tokens 64 > $OUT_DIR/agreement.json"
 
 # Planner: plan latency per policy and ZMQ round trip on this (quiet) host.
-stage bench-planner 180 sh -c "$PY -m sglang_slo.cli bench-planner --json --policies fcfs,slo_unified \
+want bench-planner && stage bench-planner 180 sh -c "$PY -m sglang_slo.cli bench-planner --json --policies fcfs,slo_unified \
     --sizes 64,256,1024,4096 > $OUT_DIR/bench_planner.json"
 
 # A CUDA profile of the tiny pair as the budget allows (CPU, one thread: the quick grid is
 # ~15 s per sweep, the full one ~3x that).
 if [ "$(left)" -gt 300 ]; then GRID="--grid full --repeats 3"; else GRID="--grid quick --repeats 2"; fi
-if [ "$(left)" -gt 90 ]; then
+if ! want profile; then
+    echo "=== profile: not asked for" | tee -a "$LOG"
+elif [ "$(left)" -gt 90 ]; then
     stage profile $(( $(left) - 15 )) sh -c "$PY -m sglang_slo.cli profile --device cuda \
         --model sglang_slo/assets/tiny/target --draft sglang_slo/assets/tiny/draft $GRID \
         --out $OUT_DIR/h200-tiny.yaml > $OUT_DIR/profile.json"

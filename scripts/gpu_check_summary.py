@@ -30,7 +30,8 @@ def bench_rows(name: str, b: dict | None) -> list[str]:
     for c, r in b.get("concurrent", {}).items():
         rows.append(f"  c={c:>3}: plain {r['plain']['tokens_per_s']:>8} tok/s ({r['plain']['ms_per_iteration']} ms/it)"
                     f"  spec {r.get('spec', {}).get('tokens_per_s', '-'):>8} ({r.get('spec', {}).get('ms_per_iteration', '-')}"
-                    f" ms/it)  x{r.get('spec_speedup', '-')}")
+                    f" ms/it)  x{r.get('spec_speedup', '-')}; full batch {r['plain'].get('full_batch_tokens_per_s')}"
+                    f" vs {r.get('spec', {}).get('full_batch_tokens_per_s')} x{r.get('spec', {}).get('full_batch_speedup')}")
     for s in b.get("spec_sweep", []):
         rows.append(f"  sweep d{s['depth']}w{s['width']}: x{s['speedup']} (accepted/verify {s['mean_accepted_per_verify']})")
     return rows
@@ -43,6 +44,9 @@ def main(out_dir: str) -> int:
     lines += [ln for ln in log.splitlines() if ln.startswith("=== ") and ": rc=" in ln]
     lines += [ln for ln in log.splitlines() if (" passed" in ln or " failed" in ln or " error" in ln or " skipped" in ln)
               and ln.strip()[:1].isdigit()]
+    sdpa = [ln for ln in log.splitlines() if ln.startswith('{"torch"')]
+    if sdpa:
+        lines.append("sdpa ms/call over 20 new key lengths: " + sdpa[-1])
     for name in ("bench_fp32", "bench_bf16", "bench_fp32_depth4"):
         lines += bench_rows(name, load(d / f"{name}.json"))
     agree = load(d / "agreement.json")

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 if TYPE_CHECKING:
     import torch
@@ -88,3 +89,20 @@ def synchronizer(device: str | torch.device) -> Callable[[], None]:
 
 def _nothing() -> None:
     return None
+
+
+def attention_backends(device: str | torch.device) -> Callable[[], ContextManager]:
+    """A context (made per forward batch) that keeps torch SDPA off its cuDNN backend on
+    CUDA. On the H200 (torch 2.11) bfloat16 SDPA with our boolean masks went to cuDNN,
+    which builds a graph per new shape: every iteration of the engine has new key lengths,
+    and speculative iterations at 8-64 requests took 156-185 ms instead of 16-24 ms in
+    float32 (bench-engine, 2026-11-22). Flash, memory-efficient and math kernels need no
+    per-shape build. On the CPU: no context."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return lambda: sdpa_kernel(backends)

@@ -18,7 +18,7 @@ import torch
 from sglang_slo.engine.attention import AttentionBatch, SequenceInput, decode_batch, position_slots
 from sglang_slo.engine.block_tables import BlockTables
 from sglang_slo.engine.decode_kv import DecodeKV
-from sglang_slo.engine.device import synchronizer
+from sglang_slo.engine.device import attention_backends, synchronizer
 from sglang_slo.engine.drafter import Drafter
 from sglang_slo.engine.kv_cache import KVCache
 from sglang_slo.engine.model import LlamaForCausalLM
@@ -98,6 +98,7 @@ class ModelRunner:
         self.drafter = drafter
         self.device = torch.device(device)
         self._sync = synchronizer(self.device)  # model seconds include the GPU's work
+        self._attention = attention_backends(self.device)
         self.slo_order = slo_order
         self.decode_kv = DecodeKV(kv)
         self._dense_reqs: list[Request] = []  # held rows' requests: keeps their ids unique
@@ -105,6 +106,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
+        with self._attention():
+            return self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> RunOutput:
         out = RunOutput()
         t0 = time.perf_counter()
         if self.drafter is not None and batch.prefills:
