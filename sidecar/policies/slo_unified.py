@@ -64,7 +64,7 @@ from sidecar.policies.engine_shapes import covering_budget, snap_depth, snap_wid
 from sidecar.policies.prefill_packing import kv_need, pack
 
 Decision = protos.Decision
-_ADMIT, _BE = Decision.ADMIT, Decision.BEST_EFFORT
+_ADMIT, _BE, _REJECT = Decision.ADMIT, Decision.BEST_EFFORT, Decision.REJECT
 
 
 @dataclass(frozen=True)
@@ -228,14 +228,14 @@ class UnifiedPolicy(Policy):
         anchor_first = cfg.anchor_first_token
         for r in st.requests.values():
             dec = r.decision
-            if dec == _ADMIT or dec == _BE:
+            if dec is _ADMIT or dec is _BE:  # members: `is` (the planner stores Decision(...) only)
                 pf, pt, dd = r.prefilled, r.prompt_tokens, r.decoded
                 rest = r.max_new_tokens - dd
                 reserved += pt - pf
                 if pf < pt:
                     reserved += int((rest if rest < 4096 else 4096) * ratio_kv)
-                    (slo_pre if dec == _ADMIT else be_pre).append(r)
-                elif dec == _ADMIT:
+                    (slo_pre if dec is _ADMIT else be_pre).append(r)
+                elif dec is _ADMIT:
                     slo_dec.append(r)
                     s_rid.append(r.rid)
                     s_ctx.append(pf + dd)
@@ -259,7 +259,7 @@ class UnifiedPolicy(Policy):
                     b_rid.append(r.rid)
                     b_ctx.append(pf + dd)
                     b_left.append(rest)
-            elif dec != Decision.REJECT:
+            elif dec is not _REJECT:
                 waiting.append(r)
         dec_all = slo_dec + be_dec
         n_slo, n_all = len(slo_dec), len(dec_all)
