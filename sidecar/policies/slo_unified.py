@@ -592,10 +592,10 @@ def _choose_level(cost, want: np.ndarray, exp: np.ndarray, slack: np.ndarray, ha
     t_ok = hard + (safety * e - 1.0) * tpot  # [L, n_slo] seconds
     reach = np.where(t_ok >= t_floor, t_ok, np.inf).min(axis=1, initial=np.inf).tolist()  # [L]
     t_l = [max(t_floor, min(t_cap, r)) for r in reach]
-    per_s = got.sum(axis=1).tolist()  # [L] (row sums: the same pairwise sums as got[l].sum())
+    committed = got.sum(axis=1).tolist()  # [L] tokens (row sums: the same pairwise sums as got[l].sum())
     best, pick = None, 0
     for i, (tc, tl) in enumerate(zip(t_c, t_l)):
-        key = (on_track[i], tc <= tl or tl <= t_floor, per_s[i] / tc)  # tl == t_floor: no level fits
+        key = (on_track[i], tc <= tl or tl <= t_floor, committed[i] / tc)  # tl == t_floor: no level fits
         if best is None or key > best:
             best, pick = key, i
     return cand[pick], t_l[pick]
