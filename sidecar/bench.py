@@ -6,7 +6,9 @@
 - Round trip: a real `python -m sidecar` subprocess on an ipc:// endpoint; the engine side
   sends an IterationReport and waits for the Plan; p50/p99 of send -> plan received. Also the
   same work in-process (decode, observe, plan, encode) to separate the sidecar's own cost
-  from transport and CPU-scheduling noise on a shared host.
+  from transport and CPU-scheduling noise on a shared host, and a bare ZMQ ping-pong (an echo
+  process answering each report frame at once, `pingpong_*`) measured the same way just before
+  each round trip: the transport and host floor of that minute.
 Targets (design): slo_unified p99 <= 1 ms at 256 and <= 10 ms at 4096; round trip p99 <= 0.2 ms.
 """
 
@@ -203,6 +205,66 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
             proc.kill()
 
 
+def echo_server(endpoint: str, reply: bytes, busy_poll: bool = False) -> None:
+    """Bare ZMQ reference for the round trip: a ROUTER that answers every frame with `reply`
+    and does nothing else (no decode, no planning), polling like the sidecar's loop."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    print("listening", flush=True)
+    wait_ms = 0 if busy_poll else 50
+    while True:
+        if sock.poll(wait_ms, zmq.POLLIN):
+            engine_id, _ = sock.recv_multipart(zmq.NOBLOCK)
+            sock.send_multipart([engine_id, reply], zmq.NOBLOCK)
+
+
+def bench_pingpong(hardware: str, n_requests: int, iters: int, seed: int, gap_s: float = 0.0,
+                   busy_poll: bool = False) -> dict:
+    """The round trip's transport alone, measured like `bench_roundtrip` (same report frames,
+    same engine-side polling and plan decode) against `echo_server` in a subprocess: what a
+    sidecar that took no time at all would show on this host now."""
+    profile = load_profile(hardware)
+    arrivals, report = random_mix(random.Random(seed), n_requests, kv_capacity_tokens=profile.engine.kv_capacity_tokens)
+    reply = protos.encode(protos.Plan(step=0, valid_until_s=0.0, token_budget=1))
+    endpoint = ipc_endpoint("pingpong")
+    code = f"from sidecar.bench import echo_server; echo_server({endpoint!r}, {reply!r}, {busy_poll!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(Path(__file__).resolve().parent.parent))
+    ch = EngineChannel(endpoint)
+    try:
+        proc.stdout.readline()
+        frame = protos.encode(report)
+        deadline = time.monotonic() + 10
+        while not ch.send(report):  # IMMEDIATE: fails until the connection is up
+            if time.monotonic() > deadline:
+                raise RuntimeError("echo server did not accept a connection")
+            time.sleep(0.005)
+        if _await_plan(ch) is None:
+            raise RuntimeError("echo server did not answer")
+        rtt = []
+        for i in range(iters + 20):
+            t0 = time.perf_counter()
+            ch.sock.send(frame)
+            if _await_plan(ch) is None:
+                raise RuntimeError("echo server stopped answering")
+            if i >= 20:
+                rtt.append(time.perf_counter() - t0)
+            if gap_s > 0:
+                time.sleep(gap_s)
+        return {"active_requests": n_requests, "gap_ms": gap_s * 1e3, "server_busy_poll": busy_poll,
+                "roundtrip": _ms(rtt), "report_bytes": len(frame)}
+    finally:
+        ch.close()
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.rt_gap_ms < 0:
         print("bench-planner: --rt-gap-ms must be >= 0", file=sys.stderr)
@@ -233,12 +295,16 @@ def run(args: argparse.Namespace) -> int:
             iters = max(100, args.rt_iters * 64 // max(n, 64))
             r = out["zmq_roundtrip"][str(n)] = {}
             for mode in ("blocking", "busy_poll"):  # the sidecar's two loop modes, side by side
+                busy = mode == "busy_poll"
+                # bare ZMQ ping-pong first, in the same minute: the host's share of the round trip
+                r[f"pingpong_{mode}"] = bench_pingpong(args.hardware, n, iters, args.seed, args.rt_gap_ms / 1e3, busy)
                 r[mode] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed,
-                                          args.rt_gap_ms / 1e3, busy_poll=mode == "busy_poll")
+                                          args.rt_gap_ms / 1e3, busy_poll=busy)
                 if not args.json:
-                    rt = r[mode]["roundtrip"]
+                    rt, pp = r[mode]["roundtrip"], r[f"pingpong_{mode}"]["roundtrip"]
                     print(f"round trip ({args.rt_policy}, {n} req, sidecar {mode}): p50 {rt['p50_ms']:.3f} ms  "
-                          f"p99 {rt['p99_ms']:.3f} ms", flush=True)
+                          f"p99 {rt['p99_ms']:.3f} ms | bare ZMQ ping-pong p50 {pp['p50_ms']:.3f} ms  "
+                          f"p99 {pp['p99_ms']:.3f} ms", flush=True)
             r["sidecar_work_inprocess"] = bench_sidecar_work(args.hardware, args.rt_policy, n, iters, args.seed)
     out["loadavg_end"] = os.getloadavg()
     if args.json:

@@ -152,17 +152,17 @@ class Planner:
             st.now_s = rep.end_s
         st.kv_free_tokens = rep.kv_free_tokens
         st.last_report = rep
-        requests = st.requests
+        find = st.requests.get
         self._learn_verifies()  # upkeep() was not called since the last report
-        verifies = self._pending_verifies
+        verified = self._pending_verifies.append
         for p in rep.progress:
-            req = requests.get(p.rid)
+            req = find(p.rid)
             if req is None:
                 self._skip(p.rid, "progress")
                 continue
             req.apply_progress(p)
             if p.depth > 0:
-                verifies.append((req, p))
+                verified((req, p))
         if not self.defer_upkeep:
             self._learn_verifies()
         self.cost.observe(rep, defer_refit=self.defer_upkeep)
@@ -324,13 +324,13 @@ class Planner:
         requests = self.state.requests
         admit, best = Decision.ADMIT, Decision.BEST_EFFORT
         fixes: list[str] = []
-        decoding = {
+        decode = plan.decode
+        prefill_only = bool(plan.prefill) and not decode  # running requests wait one iteration
+        decoding: set[str] = set() if prefill_only else {  # not needed to check a prefill-only plan
             rid for rid, r in requests.items()
             if (r.decision is admit or r.decision is best) and r.prefilled >= r.prompt_tokens
         }
-        decode = plan.decode
         entry_rids = set(map(_rid_of, decode))
-        prefill_only = bool(plan.prefill) and not decode  # running requests wait one iteration
         if not prefill_only and (len(entry_rids) != len(decode) or entry_rids != decoding
                                  or (decode and min(map(_cap_of, decode)) < 1)):
             kept, seen = [], set()

@@ -15,6 +15,7 @@ from sidecar.cost_model import load_profile
 from sidecar.policies.base import PlanContext
 from sidecar.policies.base import make_policy
 from sidecar.policies.expected_rows import ExpectedRows, expected_table
+from sidecar.policies.slo_unified import UnifiedPolicy, _choose_level
 from sidecar.state import PlannerState, ReqState
 from test_policies_factories import H100, ROOT, check_plan_invariants, make_ctx, make_state
 
@@ -176,3 +177,49 @@ def test_head_prompt_is_prefilled_in_one_chunk_when_decoders_allow():
                                                        st.now_s, step=1))
     check_plan_invariants(st, plan)
     assert [(c.rid, c.tokens) for c in plan.prefill] == [("w", w.prompt_tokens)]
+
+
+def _choose_level_loop(cost, want, exp, slack, hard, tpot, context, t_floor, t_cap, margin, safety):
+    """Scalar reference of slo_unified._choose_level: the level-by-level loop it replaced."""
+    n_all, n_slo = len(want), len(slack)
+    rows = np.arange(n_all)
+    exp_flat = exp.reshape(-1)
+    row_m0 = rows * exp.shape[1] - 1
+    best, nodes, t_lim = None, None, None
+    for level in range(int(want.max(initial=1)), 0, -1):
+        cand = np.minimum(want, level)
+        total = int(cand.sum())
+        steps = int(cand.max(initial=1)) - 1
+        t_c = cost.iteration_time(0, total, steps, context, total - n_all)
+        got = exp_flat[row_m0 + cand]
+        e = got[:n_slo]
+        on_track = int(((t_c - slack) / tpot + (1.0 + margin) <= e + 1e-9).sum()) if n_slo else 0
+        t_l = UnifiedPolicy._t_limit(hard, tpot, e, t_floor, t_cap, safety)
+        key = (on_track, t_c <= t_l or t_l <= t_floor, float(got.sum()) / t_c)
+        if best is None or key > best:
+            best, nodes, t_lim = key, cand, t_l
+    return nodes, t_lim
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n_slo=st_.integers(0, 40), n_be=st_.integers(0, 10), depth=st_.integers(0, 8), seed=st_.integers(0, 2**31),
+    slack_scale=st_.sampled_from([0.001, 0.02, 0.3]), t_cap=st_.sampled_from([0.0, 0.03, 0.15]),
+)
+def test_choose_level_equals_the_level_loop(n_slo, n_be, depth, seed, slack_scale, t_cap):
+    """All levels scored as one [levels, n] computation pick the same level, nodes and T_lim
+    (bit for bit) as the per-level loop, on random decoders (some behind, some ahead)."""
+    rng = np.random.default_rng(seed)
+    cost = H100.cost
+    n_all = n_slo + n_be
+    exp = expected_table(rng.uniform(0.3, 0.95, (n_all, depth)))  # [n_all, depth+1]
+    want = rng.integers(1, depth + 2, n_all)
+    slack = rng.normal(0.0, slack_scale, n_slo)
+    hard = slack + rng.choice([0.0, 0.2], n_slo)
+    tpot = rng.choice([0.02, 0.03, 0.1], n_slo)
+    context = int(rng.integers(0, 2_000_000))
+    t_floor = cost.iteration_time(0, n_all, 0, context)
+    args = (cost, want, exp, slack, hard, tpot, context, t_floor, t_cap, 0.3, 0.8)
+    nodes, t_lim = _choose_level(*args)
+    ref_nodes, ref_t_lim = _choose_level_loop(*args)
+    assert np.array_equal(nodes, ref_nodes) and t_lim == ref_t_lim

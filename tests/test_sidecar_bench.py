@@ -22,3 +22,9 @@ def test_negative_gap_is_a_clear_error(capsys):
     bench.add_arguments(p)
     assert bench.run(p.parse_args(["--rt-gap-ms", "-1", "--sizes", ""])) == 2
     assert "--rt-gap-ms must be >= 0" in capsys.readouterr().err
+
+
+def test_bare_pingpong_reference_answers_every_report():
+    r = bench.bench_pingpong(H100, 16, iters=30, seed=0)
+    assert r["roundtrip"]["n"] == 30 and 0 < r["roundtrip"]["p50_ms"] <= r["roundtrip"]["max_ms"]
+    assert r["report_bytes"] > 0 and not r["server_busy_poll"]

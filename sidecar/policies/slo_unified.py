@@ -64,7 +64,7 @@ from sidecar.policies.engine_shapes import covering_budget, snap_depth, snap_wid
 from sidecar.policies.prefill_packing import kv_need, pack
 
 Decision = protos.Decision
-_ADMIT, _BE = Decision.ADMIT, Decision.BEST_EFFORT
+_ADMIT, _BE, _REJECT = Decision.ADMIT, Decision.BEST_EFFORT, Decision.REJECT
 
 
 @dataclass(frozen=True)
@@ -228,14 +228,14 @@ class UnifiedPolicy(Policy):
         anchor_first = cfg.anchor_first_token
         for r in st.requests.values():
             dec = r.decision
-            if dec == _ADMIT or dec == _BE:
+            if dec is _ADMIT or dec is _BE:  # members: `is` (the planner stores Decision(...) only)
                 pf, pt, dd = r.prefilled, r.prompt_tokens, r.decoded
                 rest = r.max_new_tokens - dd
                 reserved += pt - pf
                 if pf < pt:
                     reserved += int((rest if rest < 4096 else 4096) * ratio_kv)
-                    (slo_pre if dec == _ADMIT else be_pre).append(r)
-                elif dec == _ADMIT:
+                    (slo_pre if dec is _ADMIT else be_pre).append(r)
+                elif dec is _ADMIT:
                     slo_dec.append(r)
                     s_rid.append(r.rid)
                     s_ctx.append(pf + dd)
@@ -259,7 +259,7 @@ class UnifiedPolicy(Policy):
                     b_rid.append(r.rid)
                     b_ctx.append(pf + dd)
                     b_left.append(rest)
-            elif dec != Decision.REJECT:
+            elif dec is not _REJECT:
                 waiting.append(r)
         dec_all = slo_dec + be_dec
         n_slo, n_all = len(slo_dec), len(dec_all)
@@ -314,21 +314,7 @@ class UnifiedPolicy(Policy):
         # tokens per second; a floor that no level reaches does not force a deeper tree.
         want = np.maximum(m_min, m_eff)
         rows = np.arange(n_all)
-        exp_flat = exp.reshape(-1)  # exp[i, m - 1] == exp_flat[row_m0[i] + m]: a 1-D take per level
-        row_m0 = rows * exp.shape[1] - 1
-        best, nodes, t_lim, t_dec = None, m_min, max(t_cap, t_floor), t_floor
-        for level in range(int(want.max(initial=1)), 0, -1):
-            cand = np.minimum(want, level)
-            total = int(cand.sum())
-            steps = int(cand.max(initial=1)) - 1
-            t_c = cost.iteration_time(0, total, steps, context, total - n_all)
-            got = exp_flat[row_m0 + cand]  # [n_all] expected committed tokens of cand nodes
-            e = got[:n_slo]
-            on_track = int(((t_c - slack) / tpot + (1.0 + cfg.margin) <= e + 1e-9).sum()) if n_slo else 0
-            t_l = self._t_limit(hard, tpot, e, t_floor, t_cap, cfg.safety)
-            key = (on_track, t_c <= t_l or t_l <= t_floor, float(got.sum()) / t_c)  # t_l == t_floor: no level fits
-            if best is None or key > best:
-                best, nodes, t_lim, t_dec = key, cand, t_l, t_c
+        nodes, t_lim = _choose_level(cost, want, exp, slack, hard, tpot, context, t_floor, t_cap, cfg.margin, cfg.safety)
         m_min = np.minimum(m_min, nodes)
         decode_tokens = int(nodes.sum())
         level = int(nodes.max(initial=1))
@@ -578,6 +564,41 @@ class UnifiedPolicy(Policy):
         t_ok = slack + (safety * e - 1.0) * tpot
         t_ok = t_ok[t_ok >= t_floor]  # requests already behind cannot be saved by a shorter T
         return max(t_floor, min(t_cap, float(t_ok.min()) if t_ok.size else t_cap))
+
+
+def _choose_level(cost, want: np.ndarray, exp: np.ndarray, slack: np.ndarray, hard: np.ndarray, tpot: np.ndarray,
+                  context: int, t_floor: float, t_cap: float, margin: float, safety: float) -> tuple[np.ndarray, float]:
+    """The shared draft level: (nodes [n_all] = min(want, level), T_lim at that level).
+
+    Every level L = max(want)..1 is scored at once as one [levels, n_all] computation (levels
+    deepest first): its iteration length t_c (seconds), the SLO decoders on their deadlines at
+    that length (A_i <= E_i[nodes]), T_lim (`_t_limit` row-wise) and the expected committed
+    tokens per second. The first level with the largest (on track, fits T_lim, tokens/s) key
+    wins, exactly as a level-by-level loop would pick it. want: [n_all] wished nodes (SLO
+    decoders first, n_slo = len(slack)); exp: [n_all, D+1] expected committed tokens of
+    1..D+1 nodes; slack, hard, tpot: [n_slo] seconds."""
+    n_all, n_slo = len(want), len(slack)
+    levels = np.arange(int(want.max(initial=1)), 0, -1)  # [L], deepest first
+    cand = np.minimum(want[None, :], levels[:, None])  # [L, n_all] nodes per request at each level
+    totals = cand.sum(axis=1).tolist()  # [L] verify tokens; the deepest tree has `level` nodes
+    t_c = [cost.iteration_time(0, tot, lv - 1, context, tot - n_all) for tot, lv in zip(totals, levels.tolist())]
+    # got[l, i] = exp[i, cand[l, i] - 1]: one take from the flattened rows
+    row_m0 = np.arange(n_all) * exp.shape[1] - 1  # [n_all]
+    got = exp.reshape(-1).take(row_m0 + cand)  # [L, n_all] expected committed tokens
+    e = got[:, :n_slo]  # [L, n_slo]
+    t_col = np.array(t_c)[:, None]  # [L, 1] seconds
+    on_track = ((t_col - slack) / tpot + (1.0 + margin) <= e + 1e-9).sum(axis=1).tolist()  # [L]
+    # _t_limit per row: requests already behind (t_ok < t_floor) cannot be saved by a shorter T
+    t_ok = hard + (safety * e - 1.0) * tpot  # [L, n_slo] seconds
+    reach = np.where(t_ok >= t_floor, t_ok, np.inf).min(axis=1, initial=np.inf).tolist()  # [L]
+    t_l = [max(t_floor, min(t_cap, r)) for r in reach]
+    committed = got.sum(axis=1).tolist()  # [L] tokens (row sums: the same pairwise sums as got[l].sum())
+    best, pick = None, 0
+    for i, (tc, tl) in enumerate(zip(t_c, t_l)):
+        key = (on_track[i], tc <= tl or tl <= t_floor, committed[i] / tc)  # tl == t_floor: no level fits
+        if best is None or key > best:
+            best, pick = key, i
+    return cand[pick], t_l[pick]
 
 
 def _floats(xs: list) -> np.ndarray:
