@@ -89,11 +89,11 @@ class _Counts:
 
     def add(self, accepted: int, depth: int, decay: float, width: float = 1.0, count: int = 1) -> None:
         """`count` identical outcomes (a batch is weighted as if observed together)."""
-        acc, trials = self.acc, self.trials
         if decay < 1.0:
             self.unit /= decay if count == 1 else decay**count
             if self.unit > 1e100:  # renormalise long before overflow
                 self.rescale()
+        acc, trials = self.acc, self.trials  # after rescale(), which replaces both lists
         u = self.unit * count
         w = u / (trials[0] + u)  # running mean (an EWMA once decay bounds the counts)
         self.wexp += w * (_width_exponent(width) - self.wexp)

@@ -126,3 +126,27 @@ def test_tree_observations_map_back_to_chain_alphas():
     assert model.alphas("r", 1)[0] == pytest.approx(chain_alpha, abs=0.04)
     assert model.expected_accepted("r", depth, width) == pytest.approx(chain_expected([level], depth), rel=0.08)
     assert model.expected_accepted("r", depth, 1) < model.expected_accepted("r", depth, width)
+
+
+def test_observation_that_triggers_renormalisation_still_counts():
+    """An add() that renormalises the decayed counts (unit past 1e100) records its own outcome
+    like any other: same estimate as renormalising first and adding after."""
+    from sidecar.acceptance import _Counts
+
+    rng = random.Random(5)
+    history = [(rng.randrange(4), 3) for _ in range(40)]
+    a, b = _Counts(), _Counts()
+    for acc, depth in history:
+        a.add(acc, depth, 0.9)
+        b.add(acc, depth, 0.9)
+    a.unit = b.unit = 1e100 * 0.95  # the next add crosses the threshold
+    b.unit /= 0.9
+    b.rescale()
+    b.unit *= 0.9  # b: already renormalised; its add divides by decay again
+    a.add(3, 3, 0.9)
+    b.add(3, 3, 0.9)
+    assert a.unit == 1.0 and b.unit < 1e100
+    ra = [x / t for x, t in zip(a.acc[:3], a.trials[:3])]
+    rb = [x / t for x, t in zip(b.acc[:3], b.trials[:3])]
+    assert ra == pytest.approx(rb, rel=1e-9)
+    assert a.wexp == pytest.approx(b.wexp)
