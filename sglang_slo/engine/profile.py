@@ -304,7 +304,9 @@ def run(args: argparse.Namespace) -> int:
         "name": name,
         "source": (
             f"Measured by `sglang-slo profile --model {args.model}"
-            + (f" --draft {args.draft}" if args.draft else "") + f"` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n"
+            + (f" --draft {args.draft}" if args.draft else "")
+            + (f" --device {place.device} --dtype {place.dtype}" if wall else "")
+            + f" --grid {args.grid} --repeats {args.repeats}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:\n"
             + (f"embedded engine on {torch.cuda.get_device_name()} ({place.dtype}, torch {torch.__version__}), "
                f"load average {os.getloadavg()[0]:.1f} at the end.\n"
                f"{len(rows)} engine iterations (wall seconds of Engine.step) over a grid of\n"
