@@ -36,6 +36,7 @@ from eval.replay import ReplayConfig, ReplayResult, replay_sync
 from eval.server_process import ServerProcess
 from eval.slo_classes import load_slo_classes, scale_for_unloaded_tpot
 from eval.workloads import FULL_SCALE_CONTEXT, GenRequest, Workload, WorkloadSpec, generate
+from sglang_slo.engine.device import add_device_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_PROFILE = ROOT / "configs" / "hardware" / "cpu-tiny.yaml"
@@ -123,12 +124,14 @@ def measure_unloaded_tpot(base_url: str, prompts: PromptTexts, *, requests: int 
     return statistics.median(tpots)
 
 
-def calibrate(model: Path, prompts: PromptTexts, log_path: Path, hardware: Path | None = None) -> float:
+def calibrate(model: Path, prompts: PromptTexts, log_path: Path, hardware: Path | None = None,
+              server_args: tuple[str, ...] = ()) -> float:
     """Unloaded TPOT of the target alone (server without the draft, `CALIBRATION_POLICY`), seconds.
 
     The baseline of the CPU SLO scaling (reference §2.4; AdaServe's per-token baseline is
     non-speculative): the same for every policy, independent of how much any policy speculates."""
-    with ServerProcess.for_pair(model, CALIBRATION_POLICY, log_path, hardware=hardware, speculation=False) as srv:
+    with ServerProcess.for_pair(model, CALIBRATION_POLICY, log_path, hardware=hardware, speculation=False,
+                                extra_args=server_args) as srv:
         return measure_unloaded_tpot(srv.url, prompts)
 
 
@@ -225,7 +228,8 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
                           model_dir: str | Path | None = None, out_dir: str | Path = ROOT / "results",
                           rate: float = 1.6, duration_s: float = 40.0, seed: int = 0,
                           max_duration_s: float = 120.0, hardware: str | Path | None = None,
-                          unloaded_tpot_s: float | None = None, log=print) -> dict:
+                          unloaded_tpot_s: float | None = None, placement: tuple[str, str] = ("cpu", "float32"),
+                          log=print) -> dict:
     """Replay one trace against the real server under each policy; measured vs simulated attainment.
 
     policies: planner policies, in order. Unless `unloaded_tpot_s` (seconds) is given, a first
@@ -235,7 +239,8 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
     second over `duration_s` seconds; max_duration_s: per-policy replay limit. hardware: the
     CPU hardware profile for the servers' planner and the simulator (default
     configs/hardware/cpu-tiny.yaml; without one the servers use their default and no
-    simulation is run). Returns the JSON document also written to out_dir/served_demo.json.
+    simulation is run). placement: (device, dtype) of every server's models and KV cache.
+    Returns the JSON document also written to out_dir/served_demo.json.
     """
     if not policies:
         raise ValueError("policies must not be empty")
@@ -264,9 +269,10 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
     if not runnable:
         raise RuntimeError("no policy can run: " + "; ".join(f"{r.policy}: {r.error[:300]}" for r in failed))
     prompts = PromptTexts(Tokenizer.load(model / "target"))
+    server_args = ("--device", placement[0], "--dtype", placement[1])
     calibration = {"unloaded_tpot_s": unloaded_tpot_s, "source": "given"}
     if unloaded_tpot_s is None:
-        unloaded_tpot_s = calibrate(model, prompts, out / "logs" / "served-calibration.log", hw)
+        unloaded_tpot_s = calibrate(model, prompts, out / "logs" / "served-calibration.log", hw, server_args)
         calibration = {"unloaded_tpot_s": unloaded_tpot_s, "source": f"measured: {CALIBRATION_POLICY}, no speculation"}
         log(f"served demo: unloaded TPOT {unloaded_tpot_s * 1000:.1f} ms ({calibration['source']})")
     w: Workload | None = None
@@ -274,7 +280,7 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
         t0 = time.monotonic()
         try:
             with ServerProcess.for_pair(model, policy, out / "logs" / f"served-{policy}.log", hardware=hw,
-                               unloaded_tpot_s=unloaded_tpot_s) as srv:
+                               unloaded_tpot_s=unloaded_tpot_s, extra_args=server_args) as srv:
                 startup = time.monotonic() - t0
                 own_tpot = measure_unloaded_tpot(srv.url, prompts)  # every server gets the same warm-up
                 if w is None:
@@ -305,11 +311,12 @@ def run_served_comparison(policies: tuple[str, ...] | list[str] = ("fcfs", "slo_
     if failed:
         why = [f"{r.policy} did not run: {(r.error.splitlines() or ['?'])[0][:200]}" for r in failed]
         note = "; ".join([note] * bool(note) + why)
-    head = (f"tiny pair {model}; {len(w.requests)} requests ({rate:g} arrivals/s over {duration_s:g} s, seed {seed}); "
+    head = (f"tiny pair {model} on {placement[0]} ({placement[1]}); {len(w.requests)} requests ({rate:g} arrivals/s over {duration_s:g} s, seed {seed}); "
             f"unloaded TPOT {unloaded_tpot_s * 1000:.1f} ms; SLOs = m x unloaded TPOT; hardware profile "
             f"{hw.name if hw else 'none'}")
     log("\n== served comparison: " + head + ("\n" + note if note else "") + "\n" + table)
     doc = {"policies": list(policies), "model_dir": str(model), "hardware": str(hw) if hw else None,
+           "device": placement[0], "dtype": placement[1],
            "unloaded_tpot_s": unloaded_tpot_s, "calibration": calibration, "rate": rate, "duration_s": duration_s, "seed": seed,
            "requests": len(w.requests), "runs": [asdict(r) for r in runs + failed],
            "wall_s": time.monotonic() - t_start}
@@ -333,6 +340,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hardware", default=None, help="CPU hardware profile (default configs/hardware/cpu-tiny.yaml)")
     p.add_argument("--unloaded-tpot-ms", type=float, default=None, help="skip the measurement, use this")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -340,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_served_comparison(policies, model_dir=args.model_dir, out_dir=args.out_dir, rate=args.rate,
                               duration_s=args.duration_s, seed=args.seed, max_duration_s=args.max_duration_s,
-                              hardware=args.hardware,
+                              hardware=args.hardware, placement=(args.device, args.dtype),
                               unloaded_tpot_s=args.unloaded_tpot_ms / 1000 if args.unloaded_tpot_ms else None)
     except (ValueError, RuntimeError, TimeoutError) as e:
         print(f"served demo: {e}", file=sys.stderr)

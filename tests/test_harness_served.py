@@ -108,6 +108,16 @@ def test_run_served_comparison_smoke(pair, tmp_path):
     assert json.loads((tmp_path / "served_demo.json").read_text())["requests"] == doc["requests"]
     assert "| fcfs | all |" in (tmp_path / "served_demo.md").read_text()
     assert any("served comparison" in x for x in lines)
+    assert (doc["device"], doc["dtype"]) == ("cpu", "float32")
+
+
+def test_served_comparison_on_a_missing_device_is_a_clear_error(pair, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: nothing to refuse")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        run_served_comparison(("fcfs",), model_dir=pair, out_dir=tmp_path, rate=1.0, duration_s=1.0,
+                              placement=("cuda", "float32"))
 
 
 def test_demo_trace_fits_the_tiny_context_and_scales_slos():
