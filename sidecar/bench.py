@@ -197,12 +197,17 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
             "plan_bytes": len(protos.encode(plan)) if plan else 0,
         }
     finally:
-        ch.close()
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _close(ch, proc)
+
+
+def _close(ch: EngineChannel, proc: subprocess.Popen) -> None:
+    """The engine end of a round-trip bench, then its peer process (killed after 5 s)."""
+    ch.close()
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def echo_server(endpoint: str, reply: bytes, busy_poll: bool = False) -> None:
@@ -257,12 +262,7 @@ def bench_pingpong(hardware: str, n_requests: int, iters: int, seed: int, gap_s:
         return {"active_requests": n_requests, "gap_ms": gap_s * 1e3, "server_busy_poll": busy_poll,
                 "roundtrip": _ms(rtt), "report_bytes": len(frame)}
     finally:
-        ch.close()
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _close(ch, proc)
 
 
 def run(args: argparse.Namespace) -> int:
