@@ -164,13 +164,13 @@ class OutputLifeTable:
     def mean(self, running: list[int]) -> float:
         """Expected output tokens, given the decoded counts of the class's running requests."""
         n = len(self._entered)
-        entered, censored = self._entered[:], [0.0] * n
+        censored = [0.0] * n  # running requests now inside bin i
         for d in running:
-            k = _edge_bin(d)
-            for i in range(k):
-                entered[i] += 1.0
-            entered[k] += 1.0
-            censored[k] += 1.0
+            censored[_edge_bin(d)] += 1.0
+        entered, above = self._entered[:], 0.0
+        for i in range(n - 1, -1, -1):  # running requests that reached bin i: those now in i or above
+            above += censored[i]
+            entered[i] += above
         surv, total, edge = 1.0, 0.0, 0
         for i in range(n):
             exposed = entered[i] - 0.5 * censored[i]
