@@ -16,7 +16,9 @@ the threshold is open and every arrival goes on to admission as before.
     load                sum over bins of (arrivals/s x mean cost), GPU seconds per second
     capacity            `capacity` GPU seconds per second (the ideal-batching model is optimistic)
 
-Hysteresis: shedding starts once the load exceeds `trigger` (>= capacity); then the threshold
+Hysteresis: shedding starts once the load exceeds `trigger` (>= capacity), or exceeds
+`capacity` while the scheduler reports more than `distress` of its SLO requests behind their
+deadlines (a sustained overload it is losing, not a burst it absorbs); then the threshold
 tightens at once to where `capacity` is filled, and loosens only to where (1 - hysteresis) x
 capacity is filled, so it holds still inside that band; it opens (shedding stops) when all of
 the load fits in (1 - hysteresis) x capacity. Decisions are
@@ -220,6 +222,11 @@ class ShedConfig:
     """The output mean forgets old samples past this count (running mean -> EWMA)."""
     refresh_s: float = 1.0
     """Seconds between recomputations of the decode cost per token."""
+    distress: float = 1.0
+    """Shedding also starts once the load exceeds `capacity` while more than this share of the
+    SLO requests are behind their deadlines (EWMA, `distress_window_s`); 1.0: never."""
+    distress_window_s: float = 5.0
+    """Time constant of the distress EWMA, seconds."""
 
     def __post_init__(self):
         if (self.capacity <= 0 or self.trigger < self.capacity or self.window_s <= 0
@@ -248,6 +255,8 @@ class OverloadShed:
         self._per_token = None  # decode GPU seconds per output token
         self._refreshed = -math.inf
         self._mix_t = None  # last arrival folded into the class mix
+        self._distress = 0.0  # EWMA of the share of SLO requests behind their deadlines
+        self._distress_t = None
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -262,9 +271,11 @@ class OverloadShed:
 
     # ---- decisions ------------------------------------------------------------------------
 
-    def decide(self, cost, acceptance, max_depth: int, now_s: float, running=()) -> list[str]:
+    def decide(self, cost, acceptance, max_depth: int, now_s: float, running=(), distress: float = 0.0) -> list[str]:
         """Rids of the arrivals since the last call to reject (each arrival is decided once).
-        running: the requests decoding now (`.slo`, `.decoded`; for the output estimates)."""
+        running: the requests decoding now (`.slo`, `.decoded`; for the output estimates).
+        distress: share of the SLO requests the scheduler sees behind their deadlines now."""
+        self._observe_distress(now_s, distress)
         if not self._queued:
             return []
         cfg = self.config
@@ -311,11 +322,22 @@ class OverloadShed:
             return True
         return False
 
+    def _observe_distress(self, now_s: float, x: float) -> None:
+        if self._distress_t is not None and now_s > self._distress_t:
+            f = math.exp(-(now_s - self._distress_t) / self.config.distress_window_s)
+            self._distress = f * self._distress + (1.0 - f) * x
+        if self._distress_t is None or now_s > self._distress_t:
+            self._distress_t = now_s
+
     def _update(self, now_s: float) -> None:
         loads = self._bins.loads(now_s)
-        cap = self.config.capacity
-        if self._position == math.inf and sum(load for _, load in loads) <= self.config.trigger:
-            return  # not shedding, and no overload worth shedding for
+        cfg = self.config
+        cap = cfg.capacity
+        if self._position == math.inf:
+            total = sum(load for _, load in loads)
+            # not shedding yet: start past the trigger, or past capacity once requests fall behind
+            if total <= cfg.trigger and (total <= cap or self._distress <= cfg.distress):
+                return
         tight = fill_position(loads, cap)
         if tight < self._position:
             self._position = tight
