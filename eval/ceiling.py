@@ -10,7 +10,8 @@ at most its share of the work while costing its share of the requests.
                 class's TPOT (mean E_c(k) * tpot_c) at the best chain depth k (one for all; batch
                 composition by each request's share of decode iterations). No prefill/decode
                 interference, bursts, KV limits or queueing: an optimistic steady-state
-                ceiling. Also without one class (default: the largest share of output tokens),
+                ceiling (the costs: sidecar/steady_cost.py, which slo_unified's overload
+                shedding prices arrivals with). Also without one class (default: the largest share of output tokens),
                 and serving only the cheapest `target` share of the requests (the most a
                 policy that counts requests on SLO could reach, by giving up the costliest).
     without     the trace without that class (later calls of a dropped agent loop go too),
