@@ -230,7 +230,8 @@ class ShedConfig:
 
     def __post_init__(self):
         if (self.capacity <= 0 or self.trigger < self.capacity or self.window_s <= 0
-                or not 0 <= self.hysteresis < 1 or self.prior_samples <= 0 or self.sample_cap < 2):
+                or not 0 <= self.hysteresis < 1 or self.prior_samples <= 0 or self.sample_cap < 2
+                or not 0 <= self.distress <= 1 or self.distress_window_s <= 0):
             raise ValueError(f"overload shed: bad config {self}")
 
 

@@ -36,6 +36,8 @@ Every plan, for the iteration that starts when the running one ends (plans are p
    prefill duty of the prompts arriving, stays within the tightest E_i * tpot_i: past that
    point one more request makes every decoder late; it waits instead (best effort once its
    TTFT is lost).
+   Overload shedding (overload_shed.py): under sustained overload, arrivals are rejected on
+   sight costliest first (GPU seconds per request) until the rest fits the engine.
 6. Online calibration: the planner's cost model (refit) and acceptance model (per request)
    feed every plan.
 7. Engines that cannot mix prefill and decode in one forward (EngineHello.mixed_forward False:
