@@ -10,7 +10,8 @@ at most its share of the work while costing its share of the requests.
                 class's TPOT (mean E_c(k) * tpot_c) at the best chain depth k (one for all; batch
                 composition by each request's share of decode iterations). No prefill/decode
                 interference, bursts, KV limits or queueing: an optimistic steady-state
-                ceiling. Also without one class (default: the largest share of output tokens),
+                ceiling (the costs: sidecar/steady_cost.py, which slo_unified's overload
+                shedding prices arrivals with). Also without one class (default: the largest share of output tokens),
                 and serving only the cheapest `target` share of the requests (the most a
                 policy that counts requests on SLO could reach, by giving up the costliest).
     without     the trace without that class (later calls of a dropped agent loop go too),
@@ -35,11 +36,9 @@ from eval.compare import make_workload
 from eval.metrics import summarize
 from eval.simulator import simulate
 from eval.workloads import GenRequest, Workload
-from sidecar.acceptance import chain_expected
 from sidecar.cost_model import CostModel, load_profile
-
-MAX_BATCH = 4096
-"""Largest decode batch (requests) the bound considers."""
+from sidecar.steady_cost import DecodeItem, prefill_seconds
+from sidecar.steady_cost import decode_cost_per_token as steady_decode_cost
 
 
 def work_shares(w: Workload) -> dict[str, dict[str, float]]:
@@ -106,45 +105,20 @@ def arrivals(requests: list[GenRequest]) -> int:
     return sum(not r.after_rid for r in requests)
 
 
+def decode_items(requests: list[GenRequest]) -> list[DecodeItem]:
+    """The requests as the steady-state decode mix (sidecar/steady_cost.py)."""
+    return [DecodeItem(r.alphas, r.output_tokens, r.prompt_tokens, r.slo.tpot_s, r.slo.slo_class) for r in requests]
+
+
 def decode_cost_per_token(cost: CostModel, requests: list[GenRequest], max_depth: int) -> tuple[float, dict]:
     """GPU seconds per output token of the requests' decodes with ideal batching (see the
     module docstring), and the batch that achieves it."""
-    best = (float("inf"), {})
-    for k in range(max_depth + 1):
-        e = [1.0 + chain_expected(r.alphas, k) for r in requests]         # tokens per iteration
-        slots = [r.output_tokens / x for r, x in zip(requests, e)]          # decode iterations
-        n = sum(slots)
-        tokens_per_slot = sum(r.output_tokens for r in requests) / n
-        context = sum(s * (r.prompt_tokens + r.output_tokens / 2) for r, s in zip(requests, slots)) / n
-        t_max = _tightest_pace(requests, e)
-        b_best = None
-        for b in range(1, MAX_BATCH + 1):
-            t = cost.iteration_time(0, b * (k + 1), k, int(b * context), b * k, requests=b, spec_requests=b if k else 0)
-            if t > t_max:
-                break
-            b_best = (t, b)
-        if b_best is None:
-            continue
-        t, b = b_best
-        per_token = t / (b * tokens_per_slot)
-        if per_token < best[0]:
-            best = (per_token, {"depth": k, "batch": b, "iteration_ms": round(t * 1e3, 2),
-                                "mean_tpot_ms": round(t / tokens_per_slot * 1e3, 2)})
-    return best
-
-
-def _tightest_pace(requests: list[GenRequest], e: list[float]) -> float:
-    """min over classes of the class's mean tokens per iteration x its TPOT (first stage), s."""
-    by_class = defaultdict(list)
-    for r, x in zip(requests, e):
-        by_class[r.slo.slo_class].append((x, r.slo.tpot_s))
-    return min(sum(x for x, _ in v) / len(v) * min(t for _, t in v) for v in by_class.values())
+    return steady_decode_cost(cost, decode_items(requests), max_depth)
 
 
 def prefill_cost(cost: CostModel, requests: list[GenRequest]) -> float:
     """GPU seconds of the requests' prompts (not prefix-cached) at the marginal slope, + causal attention."""
-    slope = (cost.k_tok_s + cost.k_knee_s) * cost.scale
-    return sum(slope * (n := r.prompt_tokens - r.prefix_tokens) + cost.scale * cost.k_pf2_s * n * n for r in requests)
+    return sum(prefill_seconds(cost, r.prompt_tokens - r.prefix_tokens) for r in requests)
 
 
 def capacity_bound(requests: list[GenRequest], n_arrivals: int, hardware: str | Path) -> dict:

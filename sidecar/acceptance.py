@@ -162,6 +162,16 @@ class AcceptanceModel:
         self._class_cache[slo_class] = out
         return out
 
+    def peek_class_alphas(self, slo_class: str) -> list[float]:
+        """class_alphas without applying the pending outcomes or caching: a read that changes
+        nothing (the class counts' batching, and so every later estimate, stays as it was)."""
+        cached = self._class_cache.get(slo_class)
+        if cached is not None:
+            return cached
+        prior = self.priors.get(slo_class) or self.priors["default"]
+        counts = self._classes.get(slo_class)
+        return prior if counts is None else _shrink(counts, prior, self.class_strength)
+
     def alphas(self, rid: str, depth: int) -> list[float]:
         """Per-position conditional acceptance alpha_1..alpha_depth for a request."""
         est = self._requests.get(rid)
