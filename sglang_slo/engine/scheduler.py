@@ -42,6 +42,10 @@ class SchedulerConfig:
     fallback_width: int = 1
     fallback_tree_cap: int = 1
     """Verify tokens per request (root included) of the fallback policy."""
+    honour_arrival_tokens: bool = False
+    """Prefill requests a fresh plan does not know (arrived after it was made) at once, whole,
+    within its `arrival_tokens`, instead of waiting for a plan that lists them. The server
+    turns it on; off here keeps the simulator (which shares this scheduler) as it was."""
 
     def __post_init__(self):
         if self.max_batch_tokens < 1 or self.max_running < 1 or self.fallback_budget < 1:
@@ -109,14 +113,22 @@ class Scheduler:
         self.waiting: list[SchedulableRequest] = []
         self.running: list[SchedulableRequest] = []
         self.last_budget = config.fallback_budget
+        self.last_arrival_tokens = 0  # the last fresh plan's arrival allowance, tokens
         self.last_entries: dict[str, protos.DecodeEntry] = {}  # rid -> last planned spec params
         self.num_preemptions = 0
+        self.num_arrivals_admitted = 0
+        """Requests prefilled under a plan's arrival allowance (`_schedule_arrivals`)."""
         self._decided: protos.Plan | None = None  # plan whose admission decisions were applied
+        self._arrivals_plan: protos.Plan | None = None  # plan whose arrival allowance was used
+        self.num_schedules = 0
+        """`schedule()` calls so far: the engine step the next batch runs as."""
+        self._arrival_step: dict[str, int] = {}  # rid -> engine step its arrival was queued before
 
     # ---- queues ------------------------------------------------------------------------
 
     def add(self, req: SchedulableRequest) -> None:
         self.waiting.append(req)
+        self._arrival_step[req.rid] = self.num_schedules
 
     def remove(self, req: SchedulableRequest) -> None:
         """Drop `req` from the queues and free its KV (finish or abort)."""
@@ -126,6 +138,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.release(req.rid)
         self.last_entries.pop(req.rid, None)
+        self._arrival_step.pop(req.rid, None)
 
     def preempt(self, req: SchedulableRequest, batch: ScheduledBatch | None = None) -> None:
         """Free `req`'s KV and queue it for recomputation (noted in `batch.preempted`)."""
@@ -150,6 +163,7 @@ class Scheduler:
 
         A plan with prefill chunks and no decode entries is a prefill-only iteration: the
         running requests do not decode in it (unless none of its chunks can run)."""
+        self.num_schedules += 1
         fresh = plan is not None and now <= plan.valid_until_s
         batch = ScheduledBatch(plan_step=plan.step if fresh else -1)
         if fresh:
@@ -157,9 +171,15 @@ class Scheduler:
                 self._apply_decisions(plan, batch)
                 self._decided = plan
             self.last_budget = max(1, plan.token_budget)
+            self.last_arrival_tokens = max(0, plan.arrival_tokens)
             for e in plan.decode:
                 self.last_entries[e.rid] = e
-        batch.token_budget = min(self.last_budget, self.config.max_batch_tokens)
+            batch.token_budget = min(self.last_budget, self.config.max_batch_tokens)
+        else:
+            # The last plan's budget covered the work it planned; a request that arrives after
+            # it expired gets the room it left for arrivals too (a policy with an exact covering
+            # budget would otherwise feed the newcomer's prompt through a few tokens per iteration).
+            batch.token_budget = min(self.last_budget + self.last_arrival_tokens, self.config.max_batch_tokens)
         if fresh and plan.prefill and not plan.decode:
             # A prefill-only plan (SGLang's default prefill-first, non-mixed iteration):
             # running requests wait while its chunks run; if none of them can run (already
@@ -167,9 +187,13 @@ class Scheduler:
             self._schedule_prefills(plan, batch, now)
             if not batch.prefills:
                 self._schedule_decodes(plan, batch, now)
+            else:
+                self._schedule_arrivals(plan, batch)
             return batch
         self._schedule_decodes(plan if fresh else None, batch, now)
         self._schedule_prefills(plan if fresh else None, batch, now)
+        if fresh:
+            self._schedule_arrivals(plan, batch)
         return batch
 
     def _apply_decisions(self, plan: protos.Plan, batch: ScheduledBatch) -> None:
@@ -297,6 +321,40 @@ class Scheduler:
             batch.prefills.append(PrefillWork(req, n))
             scheduled.add(req)
             left -= n
+
+    def _schedule_arrivals(self, plan: protos.Plan, batch: ScheduledBatch) -> None:
+        """Requests `plan` does not know (queued after the report it was based on, and not
+        in it) prefill now, whole prompts in EDF order, within `plan.arrival_tokens` on top of
+        the plan's own budget: without this they wait for a plan that lists them, two or more
+        iterations away (the plan for step k+2 is made from report k). The allowance is one
+        prefill's worth per plan, as the SGLang plugin uses it (the planner priced one stall of
+        the decoders)."""
+        if (not self.config.honour_arrival_tokens or plan.arrival_tokens <= 0
+                or plan is self._arrivals_plan):
+            return
+        known = {c.rid for c in plan.prefill} | {e.rid for e in plan.decode} | {d.rid for d in plan.decisions}
+        fresh = [r for r in self.waiting
+                 if r.rid not in known and self._arrival_step.get(r.rid, -1) > plan.based_on_step
+                 and r.num_computed == 0 and not r.num_preemptions]
+        left = min(plan.arrival_tokens,  # tokens, and the forward's limit
+                   self.config.max_batch_tokens - batch.num_prefill_tokens - sum(w.tree_cap for w in batch.decodes))
+        for req in sorted(fresh, key=lambda r: (r.is_best_effort, r.ttft_deadline_s)):
+            n = req.num_prefill_remaining
+            if n > left or len(self.running) >= self.config.max_running:
+                continue
+            if not self.kv.can_grow(req.rid, req.prefill_target + self.kv.block_size):
+                continue  # the fallback's watermark: the arrival must not cause preemptions
+            if not self.kv.grow(req.rid, n, n):
+                continue
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            req.decision = Decision.ADMIT
+            batch.prefills.append(PrefillWork(req, n))
+            batch.token_budget += n
+            left -= n
+            self._arrivals_plan = plan
+            self.num_arrivals_admitted += 1
 
     def _fallback_prefill_order(self) -> list[SchedulableRequest]:
         """Running prefills first, then waiting requests, each by TTFT deadline (EDF);

@@ -51,7 +51,10 @@ class ServerRuntime:
         where = Placement.from_args(args)
         target = load_model(model_dir, dtype=where.torch_dtype, device=where.device)
         draft = load_model(args.draft, dtype=where.torch_dtype, device=where.device) if args.draft else None
-        sched = SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_running=args.max_running)
+        # A request arriving mid-plan prefills at once within the plan's arrival allowance
+        # instead of waiting two or more iterations for a plan that lists it.
+        sched = SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
+                                honour_arrival_tokens=True)
         engine = Engine(target, draft, EngineConfig(kv_capacity_tokens=args.kv_capacity_tokens, scheduler=sched,
                                                     device=where.device, dtype=where.dtype))
         catalog = SloCatalog.load(args.slo_classes, args.unloaded_tpot_ms / 1000.0 if args.unloaded_tpot_ms else None,

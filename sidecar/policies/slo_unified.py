@@ -502,7 +502,7 @@ class UnifiedPolicy(Policy):
         # way) when no request the planner knows still waits (they go first) and the decoders
         # absorb it: the prefill room this plan leaves unused (mixed forwards), or a prefill-only
         # forward within every reachable decoder's slack. Engines that ignore the field (the
-        # simulator, the embedded runtime) plan and run exactly as without it.
+        # simulator) plan and run exactly as without it.
         arrival_tokens = 0
         chunked = {c.rid: c.tokens for c in packing.chunks}
         known_waiting = len(waiting) > len(admitted_now) + sum(1 for r in late if r.rid in chunked) or any(
