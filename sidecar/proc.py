@@ -124,6 +124,9 @@ class PlannerProc:
                 n, _STATS_EVERY_S, 1e3 * total / n, 1e3 * worst, len(st.requests), st.step,
                 self.planner.cost.scale, self.planner.skipped_unknown, self.plans_skipped,
             )
+            counters = getattr(self.planner.policy, "counters", None)  # the policy's own totals, if any
+            if counters:
+                log.info("planner: policy counters %s", counters)
         self._window = [0, 0.0, 0.0]
         self._next_stats = time.monotonic() + _STATS_EVERY_S
 
