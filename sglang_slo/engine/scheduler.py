@@ -45,7 +45,8 @@ class SchedulerConfig:
     honour_arrival_tokens: bool = False
     """Prefill requests a fresh plan does not know (arrived after it was made) at once, whole,
     within its `arrival_tokens`, instead of waiting for a plan that lists them. The server
-    turns it on; off here keeps the simulator (which shares this scheduler) as it was."""
+    turns it on; off here keeps the simulator (which shares this scheduler) as it was. Also
+    widens the fallback's budget after a plan expired by that plan's allowance."""
 
     def __post_init__(self):
         if self.max_batch_tokens < 1 or self.max_running < 1 or self.fallback_budget < 1:
@@ -171,7 +172,7 @@ class Scheduler:
                 self._apply_decisions(plan, batch)
                 self._decided = plan
             self.last_budget = max(1, plan.token_budget)
-            self.last_arrival_tokens = max(0, plan.arrival_tokens)
+            self.last_arrival_tokens = max(0, plan.arrival_tokens) if self.config.honour_arrival_tokens else 0
             for e in plan.decode:
                 self.last_entries[e.rid] = e
             batch.token_budget = min(self.last_budget, self.config.max_batch_tokens)
@@ -332,10 +333,13 @@ class Scheduler:
         if (not self.config.honour_arrival_tokens or plan.arrival_tokens <= 0
                 or plan is self._arrivals_plan):
             return
-        known = {c.rid for c in plan.prefill} | {e.rid for e in plan.decode} | {d.rid for d in plan.decisions}
         fresh = [r for r in self.waiting
-                 if r.rid not in known and self._arrival_step.get(r.rid, -1) > plan.based_on_step
+                 if self._arrival_step.get(r.rid, -1) > plan.based_on_step
                  and r.num_computed == 0 and not r.num_preemptions]
+        if not fresh:  # the common iteration: no set of the plan's rids to build
+            return
+        known = {c.rid for c in plan.prefill} | {e.rid for e in plan.decode} | {d.rid for d in plan.decisions}
+        fresh = [r for r in fresh if r.rid not in known]
         left = min(plan.arrival_tokens,  # tokens, and the forward's limit
                    self.config.max_batch_tokens - batch.num_prefill_tokens - sum(w.tree_cap for w in batch.decodes))
         for req in sorted(fresh, key=lambda r: (r.is_best_effort, r.ttft_deadline_s)):
