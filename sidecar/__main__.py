@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nice", type=int, default=0, metavar="N",
                    help="lower this process's CPU priority by N (os.nice), for a planner sharing a few cores "
                         "with the engine (measured worse on the 2-core CPU test box: see the plugin README)")
+    p.add_argument("--cpus", default="", metavar="LIST",
+                   help="pin this process (and its ZMQ I/O thread) to these CPUs, e.g. 1 or 2,3 (os.sched_setaffinity); "
+                        "keeps the planner off the engine's core (default: no pinning)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--horizon-iters and --max-horizon-ms must be > 0")
         if args.steady_skips < 0:
             raise ValueError("--steady-skips must be >= 0")
-    except (ValueError, TypeError) as e:
+        if args.cpus:  # before PlannerProc: the ZMQ context's I/O thread inherits the mask
+            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+    except (ValueError, TypeError, OSError) as e:
         print(f"sidecar: {e}", file=sys.stderr)
         return 2
     if args.nice > 0:

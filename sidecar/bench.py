@@ -8,13 +8,17 @@
   same work in-process (decode, observe, plan, encode) to separate the sidecar's own cost
   from transport and CPU-scheduling noise on a shared host, and a bare ZMQ ping-pong (an echo
   process answering each report frame at once, `pingpong_*`) measured the same way just before
-  each round trip: the transport and host floor of that minute.
+  each round trip: the transport and host floor of that minute. Both run once per pause between
+  a plan and the next report (`--rt-gap-ms`, default 0 and 1 ms): 0 = back to back (the sidecar's
+  post-send upkeep overlaps the next report), 1 ms = engine-like (real iterations take several
+  ms). `--rt-pin` puts the engine end and the sidecar (or echo) process on two different CPUs.
 Targets (design): slo_unified p99 <= 1 ms at 256 and <= 10 ms at 4096; round trip p99 <= 0.2 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -22,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import zmq
 
 from protos import messages as protos
 from protos.channel import EngineChannel, ipc_endpoint
@@ -41,9 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rt-iters", type=int, default=2000, help="round trips to time")
     p.add_argument("--rt-requests", default="64,1024", help="active request counts for the round-trip test")
     p.add_argument("--rt-policy", default="fcfs", help="policy of the round-trip sidecar")
-    p.add_argument("--rt-gap-ms", type=float, default=0.0,
-                   help="pause between a plan and the next report, ms (an engine sends one report per "
-                        "iteration; 0 = back to back, so the sidecar's post-send upkeep lands in the next round trip)")
+    p.add_argument("--rt-gap-ms", default="0,1",
+                   help="comma-separated pauses between a plan and the next report, ms (an engine sends one report "
+                        "per iteration; 0 = back to back, so the sidecar's post-send upkeep lands in the next round trip)")
+    p.add_argument("--rt-pin", action="store_true",
+                   help="round trips with the engine end on one CPU and the sidecar (or echo) process on another "
+                        "(os.sched_setaffinity; the first two CPUs this process may use)")
     p.add_argument("--no-roundtrip", action="store_true", help="skip the subprocess round-trip test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -138,20 +147,21 @@ def _await_plan(ch: EngineChannel, timeout_s: float = 5.0) -> protos.Message | N
 
 
 def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, seed: int, gap_s: float = 0.0,
-                    busy_poll: bool = False) -> dict:
+                    busy_poll: bool = False, cpus: tuple[int, int] | None = None) -> dict:
     """Engine-side round trip (send a report, see its plan arrive) to a real sidecar process.
     gap_s: untimed pause between a plan and the next report (an engine iteration);
-    busy_poll: run the sidecar with --busy-poll (it never sleeps in the kernel)."""
+    busy_poll: run the sidecar with --busy-poll (it never sleeps in the kernel);
+    cpus: (engine end's CPU, sidecar's CPU) to pin them to, or None."""
     endpoint = ipc_endpoint("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "--endpoint", endpoint, "--policy", policy,
-         "--hardware", hardware, "--log-level", "WARNING", *(["--busy-poll"] if busy_poll else [])],
+         "--hardware", hardware, "--log-level", "WARNING", *(["--busy-poll"] if busy_poll else []),
+         *(["--cpus", str(cpus[1])] if cpus else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         cwd=str(Path(__file__).resolve().parent.parent),
     )
-    ch = EngineChannel(endpoint)
-    try:
+    with _engine_end(endpoint, proc, cpus[0] if cpus else None) as ch:
         proc.stdout.readline()  # "listening" line: the socket is bound
         profile = load_profile(hardware)
         hello = protos.EngineHello(
@@ -191,43 +201,60 @@ def bench_roundtrip(hardware: str, policy: str, n_requests: int, iters: int, see
             "active_requests": n_requests,
             "gap_ms": gap_s * 1e3,
             "sidecar_busy_poll": busy_poll,
+            "cpus": list(cpus) if cpus else None,
             "roundtrip": _ms(rtt),
             "plan_inside": _ms(planner_s),
             "report_bytes": len(protos.encode(report)),
             "plan_bytes": len(protos.encode(plan)) if plan else 0,
         }
-    finally:
-        _close(ch, proc)
 
 
-def _close(ch: EngineChannel, proc: subprocess.Popen) -> None:
-    """The engine end of a round-trip bench, then its peer process (killed after 5 s)."""
-    ch.close()
-    proc.terminate()
+@contextlib.contextmanager
+def _engine_end(endpoint: str, proc: subprocess.Popen, cpu: int | None):
+    """The engine end of a round-trip bench; at exit it closes, then its peer process `proc`
+    (killed after 5 s). With `cpu`, this thread and the I/O thread of a fresh ZMQ context run
+    on that CPU only while it is open."""
+    old_cpus = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    ctx = zmq.Context() if cpu is not None else None  # its I/O thread starts here, pinned
+    ch = EngineChannel(endpoint, ctx)
     try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield ch
+    finally:
+        ch.close()
+        if ctx is not None:
+            ctx.term()
+        os.sched_setaffinity(0, old_cpus)
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
-def echo_server(endpoint: str, reply: bytes, busy_poll: bool = False) -> None:
+def echo_server(endpoint: str, reply: bytes, busy_poll: bool = False, cpu: int | None = None) -> None:
     """Bare ZMQ reference for the round trip: a ROUTER that answers every frame with `reply`
-    and does nothing else (no decode, no planning), polling like the sidecar's loop."""
-    import zmq
-
+    and does nothing else (no decode, no planning), polling like the sidecar's loop and
+    pinned to `cpu` like the sidecar's --cpus."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
+    poller = zmq.Poller()  # the same calls as PlannerChannel
+    poller.register(sock, zmq.POLLIN)
     print("listening", flush=True)
     wait_ms = 0 if busy_poll else 50
     while True:
-        if sock.poll(wait_ms, zmq.POLLIN):
+        if poller.poll(wait_ms):
             engine_id, _ = sock.recv_multipart(zmq.NOBLOCK)
-            sock.send_multipart([engine_id, reply], zmq.NOBLOCK)
+            sock.send(engine_id, zmq.SNDMORE | zmq.NOBLOCK)
+            sock.send(reply, zmq.NOBLOCK)
 
 
 def bench_pingpong(hardware: str, n_requests: int, iters: int, seed: int, gap_s: float = 0.0,
-                   busy_poll: bool = False) -> dict:
+                   busy_poll: bool = False, cpus: tuple[int, int] | None = None) -> dict:
     """The round trip's transport alone, measured like `bench_roundtrip` (same report frames,
     same engine-side polling and plan decode) against `echo_server` in a subprocess: what a
     sidecar that took no time at all would show on this host now."""
@@ -235,11 +262,11 @@ def bench_pingpong(hardware: str, n_requests: int, iters: int, seed: int, gap_s:
     arrivals, report = random_mix(random.Random(seed), n_requests, kv_capacity_tokens=profile.engine.kv_capacity_tokens)
     reply = protos.encode(protos.Plan(step=0, valid_until_s=0.0, token_budget=1))
     endpoint = ipc_endpoint("pingpong")
-    code = f"from sidecar.bench import echo_server; echo_server({endpoint!r}, {reply!r}, {busy_poll!r})"
+    code = (f"from sidecar.bench import echo_server; "
+            f"echo_server({endpoint!r}, {reply!r}, {busy_poll!r}, {cpus[1] if cpus else None!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(Path(__file__).resolve().parent.parent))
-    ch = EngineChannel(endpoint)
-    try:
+    with _engine_end(endpoint, proc, cpus[0] if cpus else None) as ch:
         proc.stdout.readline()
         frame = protos.encode(report)
         deadline = time.monotonic() + 10
@@ -260,15 +287,21 @@ def bench_pingpong(hardware: str, n_requests: int, iters: int, seed: int, gap_s:
             if gap_s > 0:
                 time.sleep(gap_s)
         return {"active_requests": n_requests, "gap_ms": gap_s * 1e3, "server_busy_poll": busy_poll,
-                "roundtrip": _ms(rtt), "report_bytes": len(frame)}
-    finally:
-        _close(ch, proc)
+                "cpus": list(cpus) if cpus else None, "roundtrip": _ms(rtt), "report_bytes": len(frame)}
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rt_gap_ms < 0:
+    gaps_ms = [float(g) for g in args.rt_gap_ms.split(",") if g]
+    if any(g < 0 for g in gaps_ms):
         print("bench-planner: --rt-gap-ms must be >= 0", file=sys.stderr)
         return 2
+    cpus = None
+    if args.rt_pin:
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            print("bench-planner: --rt-pin needs two CPUs", file=sys.stderr)
+            return 2
+        cpus = (allowed[0], allowed[1])
     wanted = [p for p in args.policies.split(",") if p] or policy_names()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     # The host's load average: on a shared machine p99s measure the neighbours too.
@@ -294,17 +327,19 @@ def run(args: argparse.Namespace) -> int:
         for n in (int(x) for x in args.rt_requests.split(",") if x):
             iters = max(100, args.rt_iters * 64 // max(n, 64))
             r = out["zmq_roundtrip"][str(n)] = {}
-            for mode in ("blocking", "busy_poll"):  # the sidecar's two loop modes, side by side
-                busy = mode == "busy_poll"
-                # bare ZMQ ping-pong first, in the same minute: the host's share of the round trip
-                r[f"pingpong_{mode}"] = bench_pingpong(args.hardware, n, iters, args.seed, args.rt_gap_ms / 1e3, busy)
-                r[mode] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed,
-                                          args.rt_gap_ms / 1e3, busy_poll=busy)
-                if not args.json:
-                    rt, pp = r[mode]["roundtrip"], r[f"pingpong_{mode}"]["roundtrip"]
-                    print(f"round trip ({args.rt_policy}, {n} req, sidecar {mode}): p50 {rt['p50_ms']:.3f} ms  "
-                          f"p99 {rt['p99_ms']:.3f} ms | bare ZMQ ping-pong p50 {pp['p50_ms']:.3f} ms  "
-                          f"p99 {pp['p99_ms']:.3f} ms", flush=True)
+            for gap in gaps_ms:
+                for mode in ("blocking", "busy_poll"):  # the sidecar's two loop modes, side by side
+                    busy = mode == "busy_poll"
+                    key = mode if gap == 0 else f"{mode}_gap{gap:g}ms"
+                    # bare ZMQ ping-pong first, in the same minute: the host's share of the round trip
+                    r[f"pingpong_{key}"] = bench_pingpong(args.hardware, n, iters, args.seed, gap / 1e3, busy, cpus)
+                    r[key] = bench_roundtrip(args.hardware, args.rt_policy, n, iters, args.seed, gap / 1e3,
+                                             busy_poll=busy, cpus=cpus)
+                    if not args.json:
+                        rt, pp = r[key]["roundtrip"], r[f"pingpong_{key}"]["roundtrip"]
+                        print(f"round trip ({args.rt_policy}, {n} req, sidecar {mode}, gap {gap:g} ms): "
+                              f"p50 {rt['p50_ms']:.3f} p90 {rt['p90_ms']:.3f} p99 {rt['p99_ms']:.3f} ms | bare ZMQ "
+                              f"ping-pong p50 {pp['p50_ms']:.3f} p99 {pp['p99_ms']:.3f} ms", flush=True)
             r["sidecar_work_inprocess"] = bench_sidecar_work(args.hardware, args.rt_policy, n, iters, args.seed)
     out["loadavg_end"] = os.getloadavg()
     if args.json:

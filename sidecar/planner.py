@@ -22,6 +22,7 @@ from sidecar.state import PlannerState, ReqState
 log = logging.getLogger(__name__)
 
 Decision = protos.Decision
+_ADMITTED = (Decision.ADMIT, Decision.BEST_EFFORT)
 _rid_of = attrgetter("rid")
 _cap_of = attrgetter("tree_cap")
 _depth_of = attrgetter("depth")
@@ -174,17 +175,17 @@ class Planner:
         same prompt tokens twice. Projections are rebuilt from the last reported facts at
         every report, so a chunk the engine never ran (its plan was replaced, KV was full)
         stops counting once its step is reported, and no chunk is counted twice."""
-        requests = self.state.requests
+        find = self.state.requests.get
         for plan in self._inflight:  # back to facts for everything projected so far
             for c in plan.prefill:
-                req = requests.get(c.rid)
+                req = find(c.rid)
                 if req is not None:
                     req.prefilled = req.reported_prefilled
         self._inflight = [p for p in self._inflight if p.step > step]
         for plan in self._inflight:
             for c in plan.prefill:
-                req = requests.get(c.rid)
-                if req is not None and req.decision in (Decision.ADMIT, Decision.BEST_EFFORT):
+                req = find(c.rid)
+                if req is not None and req.decision in _ADMITTED:
                     n = min(c.tokens, req.prompt_tokens - req.prefilled)
                     if n > 0:
                         req.prefilled += n

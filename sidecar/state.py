@@ -21,6 +21,7 @@ from sidecar.cost_model import EngineLimits
 
 Decision = protos.Decision
 _ADMITTED = (Decision.ADMIT, Decision.BEST_EFFORT)
+_NOT_WAITING = (*_ADMITTED, Decision.REJECT)
 
 
 @dataclass(slots=True, eq=False)
@@ -200,24 +201,25 @@ class ReqState:
     # ---- updates ----------------------------------------------------------------------
 
     def apply_progress(self, p: protos.RequestProgress) -> None:
-        if p.stage > self.stage:
+        # Hot path (every report, every running request): each field read once.
+        stage, prefilled, decoded = p.stage, p.prefilled, p.decoded
+        if stage > self.stage:
             # The switch happened among this iteration's new tokens; date it at their start.
             del self.stage_starts[self.stage + 1 :]
-            self.stage_starts.extend([self.decoded] * (p.stage - self.stage))
-            self.stage = p.stage
-        decoded_now = p.verified > 0 or p.decoded > self.decoded
-        ran = decoded_now or p.prefill_tokens > 0
-        if p.prefilled < self.reported_prefilled and not ran:
+            self.stage_starts.extend([self.decoded] * (stage - self.stage))
+            self.stage = stage
+        decoded_now = p.verified > 0 or decoded > self.decoded
+        if decoded_now or p.prefill_tokens > 0:  # it ran this iteration
+            if self.decision not in _ADMITTED:
+                self.decision = Decision.ADMIT  # the engine runs it (e.g. its fallback policy)
+            if decoded_now and self.prompt_tokens != self.input_tokens:
+                self.prompt_tokens = self.input_tokens  # recompute finished: it decodes again
+        elif prefilled < self.reported_prefilled:
             # Reported prefill went backwards: the engine freed its KV (engine-side
             # preemption). It waits again; an admission must bring it back.
-            self.preempted(p.prefilled)
-        elif ran and self.decision not in _ADMITTED:
-            self.decision = Decision.ADMIT  # the engine runs it (e.g. its fallback policy)
-        if decoded_now and self.prompt_tokens != self.input_tokens:
-            self.prompt_tokens = self.input_tokens  # recompute finished: it decodes again
-        self.reported_prefilled = p.prefilled
-        self.prefilled = p.prefilled
-        self.decoded = p.decoded
+            self.preempted(prefilled)
+        self.reported_prefilled = self.prefilled = prefilled
+        self.decoded = decoded
         if p.first_token_s > 0:
             self.first_token_s = p.first_token_s
         if p.depth > 0:
@@ -270,7 +272,7 @@ class PlannerState:
 
     def waiting(self) -> list[ReqState]:
         """Not admitted yet (or preempted), arrival order; rejected ones excluded."""
-        return [r for r in self.requests.values() if r.decision not in _ADMITTED and r.decision != Decision.REJECT]
+        return [r for r in self.requests.values() if r.decision not in _NOT_WAITING]
 
     @property
     def kv_reserved_tokens(self) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+import pytest
 
 from sidecar import bench
 
@@ -28,3 +31,12 @@ def test_bare_pingpong_reference_answers_every_report():
     r = bench.bench_pingpong(H100, 16, iters=30, seed=0)
     assert r["roundtrip"]["n"] == 30 and 0 < r["roundtrip"]["p50_ms"] <= r["roundtrip"]["max_ms"]
     assert r["report_bytes"] > 0 and not r["server_busy_poll"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_pinned_roundtrip_restores_this_process_affinity():
+    before = os.sched_getaffinity(0)
+    cpus = tuple(sorted(before)[:2])
+    r = bench.bench_roundtrip(H100, "fcfs", 16, iters=30, seed=0, cpus=cpus)
+    assert r["cpus"] == list(cpus) and r["roundtrip"]["n"] == 30
+    assert os.sched_getaffinity(0) == before

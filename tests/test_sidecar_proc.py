@@ -135,7 +135,7 @@ def test_sigterm_exits_cleanly():
 
 
 def test_busy_poll_sidecar_plans_and_exits_cleanly():
-    proc, endpoint = start_sidecar("fcfs", "--busy-poll")
+    proc, endpoint = start_sidecar("fcfs", "--busy-poll", "--cpus", str(max(os.sched_getaffinity(0))))
     ch, welcome = connect(endpoint)
     assert welcome.accepted
     ch.send(m.RequestArrived("a", 100, 20, m.Slo(1.0, 0.05), 0.0))
@@ -155,6 +155,7 @@ def test_busy_poll_sidecar_plans_and_exits_cleanly():
         (["--policy", "fcfs", "--hardware", str(HW), "--set", "chunk_size"], "KEY=VALUE"),
         (["--policy", "fcfs", "--hardware", str(HW), "--set", "bogus=1"], "unknown option"),
         (["--policy", "fcfs", "--hardware", str(HW), "--horizon-iters", "0"], "must be > 0"),
+        (["--policy", "fcfs", "--hardware", str(HW), "--cpus", "100000"], "Invalid argument"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(args, needle):
