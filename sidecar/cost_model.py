@@ -29,7 +29,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -121,6 +121,8 @@ class CostModel:
     """Refit from the window after this many new observations (0 = never)."""
     _samples: deque = field(default_factory=lambda: deque(maxlen=512), repr=False)
     _since_refit: int = field(default=0, repr=False)
+    _refit_job: Iterator[None] | None = field(default=None, repr=False)
+    """A deferred refit in progress (`refit_step`): one knee candidate per step."""
 
     def __post_init__(self):
         if self.window != self._samples.maxlen:
@@ -230,22 +232,46 @@ class CostModel:
 
     def refit_if_due(self) -> bool:
         """Run the windowed refit if `refit_every` observations arrived since the last one."""
+        if not self._refit_due():
+            return False
+        for _ in self._refit_from_window():
+            pass
+        return True
+
+    def refit_step(self) -> bool:
+        """One slice of a due windowed refit: one knee candidate (~0.1-0.2 ms), so a full refit
+        (~4 ms over ~25 knees) never holds the sidecar's loop past the next report; the fit
+        is of the window as it was when the refit started and lands at its last slice.
+        Returns True while a refit is in progress."""
+        if self._refit_job is None:
+            if not self._refit_due():
+                return False
+            self._refit_job = self._refit_from_window()
+        if next(self._refit_job, StopIteration) is StopIteration:
+            self._refit_job = None
+        return self._refit_job is not None
+
+    def _refit_due(self) -> bool:
         if not self.refit_every or self._since_refit < self.refit_every:
             return False
         self._since_refit = 0
-        self._refit_from_window()
         return True
 
-    def _refit_from_window(self) -> None:
+    def _refit_from_window(self) -> Iterator[None]:
+        """The windowed refit, yielding after each knee candidate."""
         rows = np.asarray(self._samples, dtype=np.float64)
         if len(rows) < 32 or np.ptp(rows[:, 0] + rows[:, 1]) <= 0:
             return  # not enough spread in batch size to identify slopes
         # A model without per-request terms (e.g. a GPU profile) stays without them online.
         fixed = {} if any(getattr(self, k) for k in _REQUEST_COEFS) else {k: 0.0 for k in _REQUEST_COEFS}
+        grid = _knee_grid(rows, self.knee_tokens)
+        yield  # the copy and the grid are a slice of their own (~0.5 ms on 512 rows)
         try:
-            new = CostModel.fit(rows, knee_grid=_knee_grid(rows, self.knee_tokens), fixed=fixed)
+            for best in _fit_by_knee(rows, grid, fixed):
+                yield
         except ValueError:
             return
+        new = CostModel(**best[1], knee_tokens=best[2])
         if _rmse(new, rows) < _rmse(self, rows):
             for name in COEFS:
                 setattr(self, name, getattr(new, name))
@@ -271,29 +297,9 @@ class CostModel:
         refit). `fixed` pins some coefficients (e.g. k_ctx_s from a roofline) and fits the rest.
         """
         rows = np.asarray(list(samples) if not isinstance(samples, np.ndarray) else samples, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] not in (6, 9) or len(rows) < 2:
-            raise ValueError("fit needs >= 2 rows of (prefill, verify, draft_steps, context, draft_tokens, seconds"
-                             "[, requests, spec_requests, tree_tokens])")
-        if not np.all(np.isfinite(rows)) or np.any(rows < 0):
-            raise ValueError("fit samples must be finite and non-negative")
-        fixed = dict(fixed or {})
-        if rows.shape[1] == 6:  # per-request terms are not observed: keep the classic model
-            for name in _REQUEST_COEFS:
-                fixed.setdefault(name, 0.0)
-        if "k_ver_s" not in fixed and (not np.any(rows[:, 0] > 0) or not np.any(rows[:, 1] > 0)):
-            fixed["k_ver_s"] = 0.0  # verify premium needs both prefill and verify samples
-        unknown = set(fixed) - set(COEFS) - {"knee_tokens"}
-        if unknown:
-            raise ValueError(f"unknown fixed coefficients: {sorted(unknown)}")
-        if "knee_tokens" in fixed:
-            knee_grid = [int(fixed.pop("knee_tokens"))]
-        elif knee_grid is None:
-            knee_grid = _knee_grid(rows, 0)
-        best: tuple[float, dict[str, float], int] | None = None
-        for knee in knee_grid:
-            coefs, sse = _nnls_fit(rows, int(knee), fixed)
-            if best is None or sse < best[0] - 1e-15:
-                best = (sse, coefs, int(knee))
+        best = None
+        for best in _fit_by_knee(rows, knee_grid, fixed):
+            pass
         assert best is not None
         return cls(**best[1], knee_tokens=best[2], **settings)
 
@@ -331,6 +337,36 @@ def report_features(report: protos.IterationReport) -> tuple[int, ...]:
 
 def _draft_tokens_of(report: protos.IterationReport) -> int:
     return report_features(report)[4]
+
+
+def _fit_by_knee(rows: np.ndarray, knee_grid: Sequence[int] | None, fixed: Mapping[str, float] | None
+                 ) -> Iterator[tuple[float, dict[str, float], int]]:
+    """`CostModel.fit`'s search: after each knee of the grid, the best (sse, coefficients,
+    knee) so far. Raises ValueError on bad rows (at the first step)."""
+    if rows.ndim != 2 or rows.shape[1] not in (6, 9) or len(rows) < 2:
+        raise ValueError("fit needs >= 2 rows of (prefill, verify, draft_steps, context, draft_tokens, seconds"
+                         "[, requests, spec_requests, tree_tokens])")
+    if not np.all(np.isfinite(rows)) or np.any(rows < 0):
+        raise ValueError("fit samples must be finite and non-negative")
+    fixed = dict(fixed or {})
+    if rows.shape[1] == 6:  # per-request terms are not observed: keep the classic model
+        for name in _REQUEST_COEFS:
+            fixed.setdefault(name, 0.0)
+    if "k_ver_s" not in fixed and (not np.any(rows[:, 0] > 0) or not np.any(rows[:, 1] > 0)):
+        fixed["k_ver_s"] = 0.0  # verify premium needs both prefill and verify samples
+    unknown = set(fixed) - set(COEFS) - {"knee_tokens"}
+    if unknown:
+        raise ValueError(f"unknown fixed coefficients: {sorted(unknown)}")
+    if "knee_tokens" in fixed:
+        knee_grid = [int(fixed.pop("knee_tokens"))]
+    elif knee_grid is None:
+        knee_grid = _knee_grid(rows, 0)
+    best: tuple[float, dict[str, float], int] | None = None
+    for knee in knee_grid:
+        coefs, sse = _nnls_fit(rows, int(knee), fixed)
+        if best is None or sse < best[0] - 1e-15:
+            best = (sse, coefs, int(knee))
+        yield best
 
 
 def _features(rows: np.ndarray, knee: int) -> np.ndarray:

@@ -228,9 +228,10 @@ class Planner:
 
     def upkeep(self) -> None:
         """Model maintenance, off the plan's critical path (the sidecar calls it after sending
-        a plan): deferred acceptance updates, then the cost model's windowed refit when due."""
+        a plan): deferred acceptance updates, then one slice of the cost model's windowed refit
+        when one is due or running (CostModel.refit_step)."""
         self._learn_verifies()
-        self.cost.refit_if_due()
+        self.cost.refit_step()
 
     def _learn_verifies(self) -> None:
         """Apply deferred verify outcomes to the acceptance model (at most one report old)."""

@@ -188,6 +188,25 @@ def test_deferred_refit_waits_for_refit_if_due():
     assert not model.refit_if_due()  # not due again until 64 more observations
 
 
+def test_sliced_refit_lands_the_same_fit_over_several_steps():
+    other = CostModel(base_s=0.02, k_tok_s=1e-5, k_knee_s=5e-5, knee_tokens=512, k_ctx_s=1e-7)
+    whole, sliced = (CostModel(**TRUE.coefficients(), refit_every=64, window=128) for _ in range(2))
+    rng = random.Random(3)
+    for i in range(64):
+        n = rng.randint(1, 3000)
+        rep = _report(i, float(i), n, 1000, other.iteration_time(0, n, 0, 1000))
+        whole.observe(rep, defer_refit=True)
+        sliced.observe(rep, defer_refit=True)
+    assert whole.refit_if_due()
+    steps = 1
+    while sliced.refit_step():
+        assert sliced.base_s == TRUE.base_s  # nothing lands before the last slice
+        steps += 1
+    assert steps > 5  # one knee per step
+    assert sliced.coefficients() == whole.coefficients() and sliced.knee_tokens == whole.knee_tokens
+    assert not sliced.refit_step()  # not due again until 64 more observations
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     base=st.floats(0.0, 0.05), lo=st.floats(0.0, 1e-4), hi=st.floats(0.0, 1e-3), knee=st.integers(0, 4096),
