@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -68,6 +69,7 @@ from sidecar.policies.prefill_packing import kv_need, pack
 
 Decision = protos.Decision
 _ADMIT, _BE, _REJECT = Decision.ADMIT, Decision.BEST_EFFORT, Decision.REJECT
+_seq_of = attrgetter("seq")
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ class UnifiedPolicy(Policy):
         """Admission outcomes so far (late: TTFT already unreachable -> best effort)."""
         self._tight_ttft = (float("inf"), 0.0)  # (tightest TTFT SLO seen, when), seconds
         self._rows = ExpectedRows(self.config.alpha_refresh)  # per-request E rows, incremental
-        self._dl: dict[str, tuple[int, float, int, float]] = {}  # rid -> (stage, t1, decoded, deadline)
+        self._dl: dict[str, tuple] = {}  # rid -> (slo, stage, t1, decoded, linear_to, deadline, tpot)
+        self._pace: dict[str, tuple] = {}  # rid -> `_pace_anchor`
         self._arrivals = ArrivalRate(self.config.arrival_window_s)  # new prompt tokens / second
         self._sessions: set[str] = set()  # agent sessions with an admitted call (gate exemption)
         cfg = self.config
@@ -212,6 +215,7 @@ class UnifiedPolicy(Policy):
         self._tight_ttft = (float("inf"), 0.0)
         self._rows.clear()
         self._dl.clear()
+        self._pace.clear()
         self._arrivals = ArrivalRate(self.config.arrival_window_s)
         self._sessions.clear()
 
@@ -227,6 +231,23 @@ class UnifiedPolicy(Policy):
 
     # ---- incremental per-request inputs --------------------------------------------------
 
+    def _pace_anchor(self, r, ft: float) -> tuple:
+        """Cached per SLO decoder while its first-token time `ft` holds: (r, ft, base, bank,
+        tpot), the next token due at base + decoded * tpot (seconds; base None: multi-stage,
+        `_staged_deadline`); bank: seconds its SLOs-Serve deadlines lie past the paced ones
+        (a first token before the TTFT deadline, anchor_first_token)."""
+        slo = r.slo
+        t0 = r.arrival_s + slo.ttft_s
+        anchor_first = self.config.anchor_first_token
+        early = anchor_first and 0.0 < ft < t0  # paced from a first token before t0
+        bank = t0 - ft if early else 0.0
+        if slo.stages:
+            p = (r, ft, None, bank, 0.0)
+        else:
+            p = (r, ft, ft if ft > t0 or (anchor_first and ft > 0.0) else t0, bank, slo.tpot_s)
+        self._pace[r.rid] = p
+        return p
+
     def _staged_deadline(self, r) -> tuple[float, float]:
         """(deadline of the next token, current TPOT) of a multi-stage request.
 
@@ -234,18 +255,22 @@ class UnifiedPolicy(Policy):
         every later token is priced at the current stage's TPOT (last stage, or a stage of
         unknown length, or the next token still inside its planned length), the cached deadline
         plus tpot per token decoded since (exact then)."""
+        hit = self._dl.get(r.rid)
+        dd = r.decoded
+        if hit is not None and hit[0] is r.slo and hit[1] == r.stage and hit[2] == r.first_token_s \
+                and hit[3] <= dd < hit[4]:
+            return hit[5] + (dd - hit[3]) * hit[6], hit[6]
         stages = r.slo.stages
         k = r.stage
         tp = stages[k if k < len(stages) else -1].tpot_s
-        hit = self._dl.get(r.rid)
-        # every token from the cached one to the next is priced at this stage's TPOT
-        linear = k >= len(stages) - 1 or stages[k].tokens <= 0 or (
-            k < len(r.stage_starts) and r.decoded < r.stage_starts[k] + stages[k].tokens
-        )
-        if hit is not None and linear and hit[0] == k and hit[1] == r.first_token_s and hit[2] <= r.decoded:
-            return hit[3] + (r.decoded - hit[2]) * tp, tp
-        d = r.token_deadline(r.decoded + 1)
-        self._dl[r.rid] = (k, r.first_token_s, r.decoded, d)
+        # tokens decoded below `linear_to` are all priced at this stage's TPOT (the stage's start
+        # is fixed while it lasts)
+        if k >= len(stages) - 1 or stages[k].tokens <= 0:
+            linear_to = math.inf
+        else:
+            linear_to = r.stage_starts[k] + stages[k].tokens if k < len(r.stage_starts) else -math.inf
+        d = r.token_deadline(dd + 1)
+        self._dl[r.rid] = (r.slo, k, r.first_token_s, dd, linear_to, d, tp)
         return d, tp
 
     def plan(self, ctx: PlanContext) -> protos.Plan:
@@ -260,9 +285,10 @@ class UnifiedPolicy(Policy):
         b_rid, b_ctx, b_left = [], [], []  # best-effort decoders
         reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available);
         # decoders' output share is added below, vectorized over their remaining output
+        pending_min = math.inf  # tightest TTFT SLO of the SLO requests waiting or prefilling, seconds
+        past_ttft = 0  # waiting requests past their TTFT deadline
         ratio_kv = cfg.new_token_ratio
-        staged = self._staged_deadline
-        anchor_first = cfg.anchor_first_token
+        staged, pace, pace_get = self._staged_deadline, self._pace_anchor, self._pace.get
         for r in st.requests.values():
             dec = r.decision
             if dec is _ADMIT or dec is _BE:  # members: `is` (the planner stores Decision(...) only)
@@ -271,25 +297,30 @@ class UnifiedPolicy(Policy):
                 reserved += pt - pf
                 if pf < pt:
                     reserved += int((rest if rest < 4096 else 4096) * ratio_kv)
-                    (slo_pre if dec is _ADMIT else be_pre).append(r)
+                    if dec is _ADMIT:
+                        slo_pre.append(r)
+                        slo = r.slo
+                        if slo.ttft_s < pending_min and not slo.best_effort:
+                            pending_min = slo.ttft_s
+                    else:
+                        be_pre.append(r)
                 elif dec is _ADMIT:
                     slo_dec.append(r)
                     s_rid.append(r.rid)
                     s_ctx.append(pf + dd)
                     s_left.append(rest)
-                    slo = r.slo
-                    t0 = r.arrival_s + slo.ttft_s
                     ft = r.first_token_s
-                    early = anchor_first and 0.0 < ft < t0  # paced from a first token before t0
-                    if slo.stages:
+                    p = pace_get(r.rid)
+                    if p is None or p[0] is not r or p[1] != ft:
+                        p = pace(r, ft)
+                    if p[2] is None:  # multi-stage
                         d, tp = staged(r)
-                        if early:
-                            d -= t0 - ft
+                        d -= p[3]
                     else:
-                        tp = slo.tpot_s
-                        d = (ft if ft > t0 or (anchor_first and ft > 0.0) else t0) + dd * tp
+                        tp = p[4]
+                        d = p[2] + dd * tp
                     s_dl.append(d)
-                    s_bank.append(t0 - ft if early else 0.0)
+                    s_bank.append(p[3])
                     s_tpot.append(tp)
                 else:
                     be_dec.append(r)
@@ -298,14 +329,19 @@ class UnifiedPolicy(Policy):
                     b_left.append(rest)
             elif dec is not _REJECT:
                 waiting.append(r)
+                slo = r.slo
+                if r.arrival_s + slo.ttft_s <= now:
+                    past_ttft += 1
+                if slo.ttft_s < pending_min and not slo.best_effort:
+                    pending_min = slo.ttft_s
         dec_all = slo_dec + be_dec
         n_slo, n_all = len(slo_dec), len(dec_all)
-        if len(self._dl) > 2 * n_slo + 64:  # forget finished multi-stage requests
-            live = set(s_rid)
-            for rid in [k for k in self._dl if k not in live]:
-                del self._dl[rid]
+        for cache in (self._dl, self._pace):
+            if len(cache) > 2 * n_slo + 64:  # forget finished requests
+                live = set(s_rid)
+                for rid in [k for k in cache if k not in live]:
+                    del cache[rid]
         tight, seen = self._tight_ttft
-        pending_min = min((r.slo.ttft_s for r in (*waiting, *slo_pre) if not r.slo.best_effort), default=float("inf"))
         if pending_min <= tight or now - seen > cfg.ttft_memory_s:  # tighter, or the old one expired
             tight, seen = self._tight_ttft = (pending_min, now)
         t_cap = min(cfg.max_iter_s, cfg.ttft_frac * tight) if cfg.ttft_frac > 0 else cfg.max_iter_s
@@ -332,14 +368,15 @@ class UnifiedPolicy(Policy):
         # ---- tree sizes: efficiency, floored by deadlines, cut until T_lim holds ----------
         steps_cost = cost.d_step_s * dm * cost.scale
         per_tok = (cost.k_tok_s + cost.k_knee_s + cost.k_dtok_s) * cost.scale  # s per verify token
-        m_eff = np.ones(n_all, dtype=np.int64)
         if dm and n_all and cfg.efficiency:
             fixed = cost.k_ctx_s * cost.scale * ctx_tok + (cost.base_s * cost.scale + steps_cost) / n_all  # [n_all]
-            fixed *= cfg.residency_weight
+            if cfg.residency_weight != 1.0:
+                fixed *= cfg.residency_weight
             sizes = np.arange(1, dm + 2, dtype=np.float64)
             ratio = exp / (fixed[:, None] + per_tok * sizes[None, :])
-            m_eff = ratio.argmax(axis=1) + 1
-        m_eff = np.minimum(m_eff, m_max)
+            m_eff = np.minimum(ratio.argmax(axis=1) + 1, m_max)
+        else:
+            m_eff = np.ones(n_all, dtype=np.int64)  # (m_max >= 1)
         t_guess = max(self._t_running, t_floor)
         a = self._need(slack, tpot, t_guess, exp[:n_slo], dm) if n_slo else np.empty(0)
         m_min = np.ones(n_all, dtype=np.int64)
@@ -359,7 +396,7 @@ class UnifiedPolicy(Policy):
             level -= 1
             nodes = np.minimum(nodes, level)
             decode_tokens = int(nodes.sum())
-        steps = int(nodes.max(initial=1)) - 1
+        steps = level - 1  # the deepest tree's draft steps (max(nodes) == level)
         b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
         b_max = max(b_max, decode_tokens)
         # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
@@ -372,7 +409,7 @@ class UnifiedPolicy(Policy):
         decisions: list[protos.AdmissionDecision] = []
         if cfg.overload_shed:  # the costliest arrivals under overload: rejected on sight
             # distress: SLO decoders behind their deadlines, waiting requests past their TTFT
-            behind = int((hard < 0).sum()) + sum(1 for r in waiting if r.arrival_s + r.slo.ttft_s <= now)
+            behind = int((hard < 0).sum()) + past_ttft
             distress = behind / max(1, n_slo + len(waiting))
             shed = self._shed.decide(cost, acc, lim.max_depth if spec_on else 0, now, dec_all, distress)
             if shed:
@@ -489,7 +526,7 @@ class UnifiedPolicy(Policy):
             late = keep
         late_queue = []
         if cfg.best_effort:
-            late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=lambda r: r.seq)
+            late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=_seq_of)
             packing.kv_left = kv_left
             if not split:  # whole prompts that fit the forward (prefill_only.py)
                 room = prefill_only.best_effort_room(cost, lim.max_batch_tokens,
@@ -521,18 +558,15 @@ class UnifiedPolicy(Policy):
         else:  # the next forward: the prefill alone if the plan has one, else the decode
             t_plan = cost.iteration_time(packing.used, 0, 0, 0) if packing.used else t_dec
         a_final = self._need(slack, tpot, t_plan, exp[:n_slo], dm) if n_slo else a
-        targets = np.concatenate((a_final, np.ones(n_all - n_slo)))
+        min_tokens = np.where(a_final > 1.0, a_final, 1.0).tolist() + [1.0] * (n_all - n_slo)  # >= 1
         if lim.depth_tiers:
             snapped = {m: snap_depth(m - 1, lim, spec_on) for m in set(nodes.tolist())}  # per distinct size
             depth = np.fromiter(map(snapped.__getitem__, nodes.tolist()), dtype=np.int64, count=n_all)
         else:
             depth = nodes - 1
         spec = depth > 0  # a depth-0 entry is the root alone: one node, width 1
-        decode = list(map(
-            protos.DecodeEntry, all_rid,
-            np.where(targets > 1.0, targets, 1.0).tolist(),  # min_tokens >= 1
-            np.where(spec, nodes, 1).tolist(), depth.tolist(), np.where(spec, w, 1).tolist(),
-        ))
+        decode = list(map(protos.DecodeEntry, all_rid, min_tokens, np.where(spec, nodes, 1).tolist(), depth.tolist(),
+                          np.where(spec, w, 1).tolist()))
         if gone:
             decode = [e for e in decode if e.rid not in gone]
         budget = covering_budget(packing.used + decode_tokens, decode, packing.chunks, lim.max_batch_tokens)
