@@ -387,7 +387,6 @@ class UnifiedPolicy(Policy):
         # decoders on their deadlines (A_i at that level's own length), then the most committed
         # tokens per second; a floor that no level reaches does not force a deeper tree.
         want = np.maximum(m_min, m_eff)
-        rows = np.arange(n_all)
         nodes, t_lim = _choose_level(cost, want, exp, slack, hard, tpot, context, t_floor, t_cap, cfg.margin, cfg.safety)
         m_min = np.minimum(m_min, nodes)
         decode_tokens = int(nodes.sum())
@@ -400,7 +399,7 @@ class UnifiedPolicy(Policy):
         b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
         b_max = max(b_max, decode_tokens)
         # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
-        e_min = exp[rows[:n_slo], m_min[:n_slo] - 1]
+        e_min = exp[np.arange(n_slo), m_min[:n_slo] - 1]
         t_stretch = max(t_lim, self._t_limit(hard, tpot, e_min, t_floor, cfg.max_iter_s, cfg.safety))
         b_stretch = min(lim.max_batch_tokens, cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all))
         b_stretch = max(b_stretch, b_max)
@@ -542,7 +541,8 @@ class UnifiedPolicy(Policy):
         # simulator) plan and run exactly as without it.
         arrival_tokens = 0
         chunked = {c.rid: c.tokens for c in packing.chunks}
-        known_waiting = len(waiting) > len(admitted_now) + sum(1 for r in late if r.rid in chunked) or any(
+        unplanned = len(waiting) - len(admitted_now)  # waiting, not admitted now: each one late and chunked?
+        known_waiting = unplanned > len(late) or unplanned > sum(1 for r in late if r.rid in chunked) or any(
             chunked.get(r.rid, 0) < r.prompt_tokens - r.prefilled for r in (*edf, *late_queue))
         if not known_waiting:
             if split:
@@ -660,12 +660,13 @@ def _choose_level(cost, want: np.ndarray, exp: np.ndarray, slack: np.ndarray, ha
     decoders first, n_slo = len(slack)); exp: [n_all, D+1] expected committed tokens of
     1..D+1 nodes; slack, hard, tpot: [n_slo] seconds."""
     n_all, n_slo = len(want), len(slack)
-    levels = np.arange(int(want.max(initial=1)), 0, -1)  # [L], deepest first
+    top = int(want.max(initial=1))
+    levels = np.arange(top, 0, -1)  # [L], deepest first
     cand = np.minimum(want[None, :], levels[:, None])  # [L, n_all] nodes per request at each level
     totals = cand.sum(axis=1).tolist()  # [L] verify tokens; the deepest tree has `level` nodes
-    t_c = [cost.iteration_time(0, tot, lv - 1, context, tot - n_all) for tot, lv in zip(totals, levels.tolist())]
+    t_c = [cost.iteration_time(0, tot, lv - 1, context, tot - n_all) for tot, lv in zip(totals, range(top, 0, -1))]
     # got[l, i] = exp[i, cand[l, i] - 1]: one take from the flattened rows
-    row_m0 = np.arange(n_all) * exp.shape[1] - 1  # [n_all]
+    row_m0 = np.arange(-1, n_all * exp.shape[1] - 1, exp.shape[1])  # [n_all] i * (D+1) - 1
     got = exp.reshape(-1).take(row_m0 + cand)  # [L, n_all] expected committed tokens
     e = got[:, :n_slo]  # [L, n_slo]
     t_col = np.array(t_c)[:, None]  # [L, 1] seconds
