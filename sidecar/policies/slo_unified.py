@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
 
 import numpy as np
@@ -352,16 +353,17 @@ class UnifiedPolicy(Policy):
 
         # ---- per-request arrays: deadlines [n_slo], context [n_all], E [n_all, dm+1] --------
         all_rid = s_rid + b_rid
-        ctx_tok = _floats(s_ctx + b_ctx)
+        tok = _floats(s_ctx, b_ctx, s_left, b_left)
+        ctx_tok, left_tok = tok[:n_all], tok[n_all:]  # context tokens, output tokens left [n_all]
         context = int(ctx_tok.sum())
         t_floor = cost.iteration_time(0, n_all, 0, context)
         start = now + (self._t_running or t_floor)  # the planned iteration starts after the running one
-        slack = _floats(s_dl) - start  # to the paced deadline (tree floors)
-        hard = slack + _floats(s_bank)  # to the SLOs-Serve deadline (T_lim)
-        tpot = _floats(s_tpot)
+        paced = _floats(s_dl, s_bank, s_tpot)  # deadlines, banks, TPOTs [3 * n_slo], seconds
+        slack = paced[:n_slo] - start  # to the paced deadline (tree floors)
+        hard = slack + paced[n_slo:2 * n_slo]  # to the SLOs-Serve deadline (T_lim)
+        tpot = paced[2 * n_slo:]
         # exp[i, m-1]: expected committed tokens of an m-node chain (a wider tree does better)
         exp = self._rows.gather(acc, all_rid, dm, self._plans)
-        left_tok = _floats(s_left + b_left)
         reserved += int(np.trunc(np.minimum(left_tok, 4096.0) * ratio_kv).sum())  # == sum of int(min(rest, 4096) * r)
         m_max = np.minimum(np.maximum(left_tok, 1), dm + 1).astype(np.int64)  # no drafts past the output cap
 
@@ -684,9 +686,10 @@ def _choose_level(cost, want: np.ndarray, exp: np.ndarray, slack: np.ndarray, ha
     return cand[pick], t_l[pick]
 
 
-def _floats(xs: list) -> np.ndarray:
-    """A list of numbers as a float64 array (np.fromiter: cheaper than np.array on long lists)."""
-    return np.fromiter(xs, dtype=np.float64, count=len(xs))
+def _floats(*lists: list) -> np.ndarray:
+    """Lists of numbers, concatenated, as one float64 array (np.fromiter: cheaper than np.array
+    on long lists, and one call for several columns)."""
+    return np.fromiter(chain(*lists), dtype=np.float64, count=sum(map(len, lists)))
 
 
 def _kv_footprint(r) -> float:
