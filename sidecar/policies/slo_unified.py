@@ -201,7 +201,7 @@ class UnifiedPolicy(Policy):
         self._tight_ttft = (float("inf"), 0.0)  # (tightest TTFT SLO seen, when), seconds
         self._rows = ExpectedRows(self.config.alpha_refresh)  # per-request E rows, incremental
         self._dl: dict[str, tuple] = {}  # rid -> (slo, stage, t1, decoded, linear_to, deadline, tpot)
-        self._pace: dict[str, tuple] = {}  # rid -> `_pace_anchor`
+        self._pace: dict = {}  # ReqState -> `_pace_anchor`
         self._arrivals = ArrivalRate(self.config.arrival_window_s)  # new prompt tokens / second
         self._sessions: set[str] = set()  # agent sessions with an admitted call (gate exemption)
         cfg = self.config
@@ -233,8 +233,8 @@ class UnifiedPolicy(Policy):
     # ---- incremental per-request inputs --------------------------------------------------
 
     def _pace_anchor(self, r, ft: float) -> tuple:
-        """Cached per SLO decoder while its first-token time `ft` holds: (r, ft, base, bank,
-        tpot), the next token due at base + decoded * tpot (seconds; base None: multi-stage,
+        """Cached per SLO decoder while its first-token time `ft` holds: (ft, base, bank, tpot),
+        the next token due at base + decoded * tpot (seconds; base None: multi-stage,
         `_staged_deadline`); bank: seconds its SLOs-Serve deadlines lie past the paced ones
         (a first token before the TTFT deadline, anchor_first_token)."""
         slo = r.slo
@@ -243,10 +243,10 @@ class UnifiedPolicy(Policy):
         early = anchor_first and 0.0 < ft < t0  # paced from a first token before t0
         bank = t0 - ft if early else 0.0
         if slo.stages:
-            p = (r, ft, None, bank, 0.0)
+            p = (ft, None, bank, 0.0)
         else:
-            p = (r, ft, ft if ft > t0 or (anchor_first and ft > 0.0) else t0, bank, slo.tpot_s)
-        self._pace[r.rid] = p
+            p = (ft, ft if ft > t0 or (anchor_first and ft > 0.0) else t0, bank, slo.tpot_s)
+        self._pace[r] = p
         return p
 
     def _staged_deadline(self, r) -> tuple[float, float]:
@@ -311,17 +311,17 @@ class UnifiedPolicy(Policy):
                     s_ctx.append(pf + dd)
                     s_left.append(rest)
                     ft = r.first_token_s
-                    p = pace_get(r.rid)
-                    if p is None or p[0] is not r or p[1] != ft:
+                    p = pace_get(r)
+                    if p is None or p[0] != ft:
                         p = pace(r, ft)
-                    if p[2] is None:  # multi-stage
+                    if p[1] is None:  # multi-stage
                         d, tp = staged(r)
-                        d -= p[3]
+                        d -= p[2]
                     else:
-                        tp = p[4]
-                        d = p[2] + dd * tp
+                        tp = p[3]
+                        d = p[1] + dd * tp
                     s_dl.append(d)
-                    s_bank.append(p[3])
+                    s_bank.append(p[2])
                     s_tpot.append(tp)
                 else:
                     be_dec.append(r)
@@ -337,11 +337,11 @@ class UnifiedPolicy(Policy):
                     pending_min = slo.ttft_s
         dec_all = slo_dec + be_dec
         n_slo, n_all = len(slo_dec), len(dec_all)
-        for cache in (self._dl, self._pace):
+        for cache, live in ((self._dl, s_rid), (self._pace, slo_dec)):
             if len(cache) > 2 * n_slo + 64:  # forget finished requests
-                live = set(s_rid)
-                for rid in [k for k in cache if k not in live]:
-                    del cache[rid]
+                live = set(live)
+                for key in [k for k in cache if k not in live]:
+                    del cache[key]
         tight, seen = self._tight_ttft
         if pending_min <= tight or now - seen > cfg.ttft_memory_s:  # tighter, or the old one expired
             tight, seen = self._tight_ttft = (pending_min, now)
