@@ -403,8 +403,11 @@ class UnifiedPolicy(Policy):
         # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
         e_min = exp[np.arange(n_slo), m_min[:n_slo] - 1]
         t_stretch = max(t_lim, self._t_limit(hard, tpot, e_min, t_floor, cfg.max_iter_s, cfg.safety))
-        b_stretch = min(lim.max_batch_tokens, cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all))
-        b_stretch = max(b_stretch, b_max)
+        if t_stretch > t_lim:
+            b_fit = cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all)
+            b_stretch = max(min(lim.max_batch_tokens, b_fit), b_max)
+        else:  # no stretch: the same budget
+            b_stretch = b_max
 
         # ---- admission against TTFT deadlines (EDF + Moore-Hodgson) -----------------------
         decisions: list[protos.AdmissionDecision] = []
@@ -705,11 +708,13 @@ def _prefill_room(cost, room: int, b_max: int, decode: int, steps: int, context:
     if room <= 0:
         return 0
     target = cost.iteration_time(0, b_max, steps, context, decode - n_all)
+    t_dec = None  # the iteration without prefill, seconds (computed once, when first needed)
     for _ in range(4):
         t = cost.iteration_time(room, decode, steps, context, decode - n_all)
         if t <= target * 1.001:
             break
-        t_dec = cost.iteration_time(0, decode, steps, context, decode - n_all)
+        if t_dec is None:
+            t_dec = cost.iteration_time(0, decode, steps, context, decode - n_all)
         room = int(room * max(0.0, target - t_dec) / max(1e-9, t - t_dec))
     return max(0, room)
 
