@@ -270,8 +270,6 @@ def _shrink(counts: _Counts, prior: list[float], strength: float, positions: int
         prior = prior[:positions]  # zip below stops there
     if e <= 1.0001:
         return [(a + s * p) / (t + s) for a, t, p in zip(counts.acc, counts.trials, prior)]
-    out = []
-    for a, t, p in zip(counts.acc, counts.trials, prior):
-        tree = (a + s * (1.0 - (1.0 - p) ** e)) / (t + s)
-        out.append(1.0 - (1.0 - tree) ** (1.0 / e))
-    return out
+    inv = 1.0 / e
+    return [1.0 - (1.0 - (a + s * (1.0 - (1.0 - p) ** e)) / (t + s)) ** inv  # tree level -> chain alpha
+            for a, t, p in zip(counts.acc, counts.trials, prior)]

@@ -147,10 +147,14 @@ class CostModel:
         (`estimate_requests`)."""
         n = prefill_tokens + verify_tokens
         over = n - self.knee_tokens
-        if requests is None or spec_requests is None:
-            est_req, est_spec = estimate_requests(prefill_tokens, verify_tokens, draft_steps, draft_tokens)
-            requests = est_req if requests is None else requests
-            spec_requests = est_spec if spec_requests is None else spec_requests
+        if requests is None or spec_requests is None:  # estimate_requests, inlined (planner hot path)
+            decodes = verify_tokens - draft_tokens
+            if not decodes > 0.0:
+                decodes = 0.0
+            if requests is None:
+                requests = decodes + (1.0 if prefill_tokens > 0 else 0.0)
+            if spec_requests is None:
+                spec_requests = min(decodes, draft_tokens) if draft_steps > 0 and draft_tokens > 0 else 0.0
         t = (
             self.base_s
             + self.k_tok_s * n

@@ -22,6 +22,17 @@ def expected_table(alphas: np.ndarray) -> np.ndarray:
     return out
 
 
+def expected_row(alphas: list[float]) -> list[float]:
+    """One row of `expected_table` in plain Python (the same sequential products and sums as
+    numpy's cumprod / cumsum, so the same floats; cheaper for the few rows refreshed per plan)."""
+    row, run, total = [1.0], 1.0, 0.0
+    for a in alphas:
+        run *= a
+        total += run
+        row.append(total + 1.0)
+    return row
+
+
 class ExpectedRows:
     """Slots of expected-token rows by request id, refreshed round-robin."""
 
@@ -35,6 +46,7 @@ class ExpectedRows:
         self._free: list[int] = []
         self._mat = np.ones((0, 1))
         self._stamp = np.zeros(0, dtype=np.int64)
+        self._last: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))  # (rids, their slots)
 
     def clear(self) -> None:
         self.__init__(self.refresh)
@@ -59,22 +71,27 @@ class ExpectedRows:
             self._grow(len(self._rid) + n)
         slot_of, rid_of, free, stamp = self._slot, self._rid, self._free, self._stamp
         new = []
-        try:  # common case: every rid already has a slot (one C-level pass)
-            idx = np.fromiter(map(slot_of.__getitem__, rids), dtype=np.int64, count=n)
-        except KeyError:  # newcomers take free slots, in rid order
-            for rid in rids:
-                if rid not in slot_of:
-                    s = slot_of[rid] = free.pop()
-                    rid_of[s] = rid
-                    new.append(s)
-            idx = np.fromiter(map(slot_of.__getitem__, rids), dtype=np.int64, count=n)
-        fresh = np.asarray(new, dtype=np.int64)
+        last_rids, idx = self._last
+        if rids != last_rids:  # (the same requests as the last call keep their slots)
+            try:  # common case: every rid already has a slot (one C-level pass)
+                idx = np.fromiter(map(slot_of.__getitem__, rids), dtype=np.int64, count=n)
+            except KeyError:  # newcomers take free slots, in rid order
+                for rid in rids:
+                    if rid not in slot_of:
+                        s = slot_of[rid] = free.pop()
+                        rid_of[s] = rid
+                        new.append(s)
+                idx = np.fromiter(map(slot_of.__getitem__, rids), dtype=np.int64, count=n)
+            self._last = (list(rids), idx)
         if new:
+            fresh = np.asarray(new, dtype=np.int64)
             stamp[fresh] = plan_no - self.refresh  # due now
         due = idx[plan_no - stamp[idx] >= self.refresh]
         if due.size and depth:
-            alphas = np.array([acceptance.alphas(rid_of[s], depth) for s in due.tolist()], dtype=np.float64)
-            self._mat[due] = expected_table(alphas.reshape(len(due), depth))
+            flat: list[float] = []  # the due rows, concatenated (one fromiter: cheaper than nested lists)
+            for s in due.tolist():
+                flat += expected_row(acceptance.alphas(rid_of[s], depth))
+            self._mat[due] = np.fromiter(flat, dtype=np.float64, count=len(flat)).reshape(len(due), depth + 1)
         stamp[due] = plan_no
         if new:  # stagger the next refresh of new rows by slot, so ~1/refresh come due per plan
             stamp[fresh] = plan_no - fresh % self.refresh
@@ -87,4 +104,4 @@ class ExpectedRows:
         return self._mat[idx]
 
 
-__all__ = ["ExpectedRows", "expected_table"]
+__all__ = ["ExpectedRows", "expected_row", "expected_table"]

@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -68,6 +70,7 @@ from sidecar.policies.prefill_packing import kv_need, pack
 
 Decision = protos.Decision
 _ADMIT, _BE, _REJECT = Decision.ADMIT, Decision.BEST_EFFORT, Decision.REJECT
+_seq_of = attrgetter("seq")
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,8 @@ class UnifiedPolicy(Policy):
         """Admission outcomes so far (late: TTFT already unreachable -> best effort)."""
         self._tight_ttft = (float("inf"), 0.0)  # (tightest TTFT SLO seen, when), seconds
         self._rows = ExpectedRows(self.config.alpha_refresh)  # per-request E rows, incremental
-        self._dl: dict[str, tuple[int, float, int, float]] = {}  # rid -> (stage, t1, decoded, deadline)
+        self._dl: dict[str, tuple] = {}  # rid -> (slo, stage, t1, decoded, linear_to, deadline, tpot)
+        self._pace: dict = {}  # ReqState -> `_pace_anchor`
         self._arrivals = ArrivalRate(self.config.arrival_window_s)  # new prompt tokens / second
         self._sessions: set[str] = set()  # agent sessions with an admitted call (gate exemption)
         cfg = self.config
@@ -212,6 +216,7 @@ class UnifiedPolicy(Policy):
         self._tight_ttft = (float("inf"), 0.0)
         self._rows.clear()
         self._dl.clear()
+        self._pace.clear()
         self._arrivals = ArrivalRate(self.config.arrival_window_s)
         self._sessions.clear()
 
@@ -227,6 +232,23 @@ class UnifiedPolicy(Policy):
 
     # ---- incremental per-request inputs --------------------------------------------------
 
+    def _pace_anchor(self, r, ft: float) -> tuple:
+        """Cached per SLO decoder while its first-token time `ft` holds: (ft, base, bank, tpot),
+        the next token due at base + decoded * tpot (seconds; base None: multi-stage,
+        `_staged_deadline`); bank: seconds its SLOs-Serve deadlines lie past the paced ones
+        (a first token before the TTFT deadline, anchor_first_token)."""
+        slo = r.slo
+        t0 = r.arrival_s + slo.ttft_s
+        anchor_first = self.config.anchor_first_token
+        early = anchor_first and 0.0 < ft < t0  # paced from a first token before t0
+        bank = t0 - ft if early else 0.0
+        if slo.stages:
+            p = (ft, None, bank, 0.0)
+        else:
+            p = (ft, ft if ft > t0 or (anchor_first and ft > 0.0) else t0, bank, slo.tpot_s)
+        self._pace[r] = p
+        return p
+
     def _staged_deadline(self, r) -> tuple[float, float]:
         """(deadline of the next token, current TPOT) of a multi-stage request.
 
@@ -234,18 +256,22 @@ class UnifiedPolicy(Policy):
         every later token is priced at the current stage's TPOT (last stage, or a stage of
         unknown length, or the next token still inside its planned length), the cached deadline
         plus tpot per token decoded since (exact then)."""
+        hit = self._dl.get(r.rid)
+        dd = r.decoded
+        if hit is not None and hit[0] is r.slo and hit[1] == r.stage and hit[2] == r.first_token_s \
+                and hit[3] <= dd < hit[4]:
+            return hit[5] + (dd - hit[3]) * hit[6], hit[6]
         stages = r.slo.stages
         k = r.stage
         tp = stages[k if k < len(stages) else -1].tpot_s
-        hit = self._dl.get(r.rid)
-        # every token from the cached one to the next is priced at this stage's TPOT
-        linear = k >= len(stages) - 1 or stages[k].tokens <= 0 or (
-            k < len(r.stage_starts) and r.decoded < r.stage_starts[k] + stages[k].tokens
-        )
-        if hit is not None and linear and hit[0] == k and hit[1] == r.first_token_s and hit[2] <= r.decoded:
-            return hit[3] + (r.decoded - hit[2]) * tp, tp
-        d = r.token_deadline(r.decoded + 1)
-        self._dl[r.rid] = (k, r.first_token_s, r.decoded, d)
+        # tokens decoded below `linear_to` are all priced at this stage's TPOT (the stage's start
+        # is fixed while it lasts)
+        if k >= len(stages) - 1 or stages[k].tokens <= 0:
+            linear_to = math.inf
+        else:
+            linear_to = r.stage_starts[k] + stages[k].tokens if k < len(r.stage_starts) else -math.inf
+        d = r.token_deadline(dd + 1)
+        self._dl[r.rid] = (r.slo, k, r.first_token_s, dd, linear_to, d, tp)
         return d, tp
 
     def plan(self, ctx: PlanContext) -> protos.Plan:
@@ -260,9 +286,10 @@ class UnifiedPolicy(Policy):
         b_rid, b_ctx, b_left = [], [], []  # best-effort decoders
         reserved = 0  # KV admitted requests still need (the SGLang reservation of kv_available);
         # decoders' output share is added below, vectorized over their remaining output
+        pending_min = math.inf  # tightest TTFT SLO of the SLO requests waiting or prefilling, seconds
+        past_ttft = 0  # waiting requests past their TTFT deadline
         ratio_kv = cfg.new_token_ratio
-        staged = self._staged_deadline
-        anchor_first = cfg.anchor_first_token
+        staged, pace, pace_get = self._staged_deadline, self._pace_anchor, self._pace.get
         for r in st.requests.values():
             dec = r.decision
             if dec is _ADMIT or dec is _BE:  # members: `is` (the planner stores Decision(...) only)
@@ -271,25 +298,30 @@ class UnifiedPolicy(Policy):
                 reserved += pt - pf
                 if pf < pt:
                     reserved += int((rest if rest < 4096 else 4096) * ratio_kv)
-                    (slo_pre if dec is _ADMIT else be_pre).append(r)
+                    if dec is _ADMIT:
+                        slo_pre.append(r)
+                        slo = r.slo
+                        if slo.ttft_s < pending_min and not slo.best_effort:
+                            pending_min = slo.ttft_s
+                    else:
+                        be_pre.append(r)
                 elif dec is _ADMIT:
                     slo_dec.append(r)
                     s_rid.append(r.rid)
                     s_ctx.append(pf + dd)
                     s_left.append(rest)
-                    slo = r.slo
-                    t0 = r.arrival_s + slo.ttft_s
                     ft = r.first_token_s
-                    early = anchor_first and 0.0 < ft < t0  # paced from a first token before t0
-                    if slo.stages:
+                    p = pace_get(r)
+                    if p is None or p[0] != ft:
+                        p = pace(r, ft)
+                    if p[1] is None:  # multi-stage
                         d, tp = staged(r)
-                        if early:
-                            d -= t0 - ft
+                        d -= p[2]
                     else:
-                        tp = slo.tpot_s
-                        d = (ft if ft > t0 or (anchor_first and ft > 0.0) else t0) + dd * tp
+                        tp = p[3]
+                        d = p[1] + dd * tp
                     s_dl.append(d)
-                    s_bank.append(t0 - ft if early else 0.0)
+                    s_bank.append(p[2])
                     s_tpot.append(tp)
                 else:
                     be_dec.append(r)
@@ -298,14 +330,19 @@ class UnifiedPolicy(Policy):
                     b_left.append(rest)
             elif dec is not _REJECT:
                 waiting.append(r)
+                slo = r.slo
+                if r.arrival_s + slo.ttft_s <= now:
+                    past_ttft += 1
+                if slo.ttft_s < pending_min and not slo.best_effort:
+                    pending_min = slo.ttft_s
         dec_all = slo_dec + be_dec
         n_slo, n_all = len(slo_dec), len(dec_all)
-        if len(self._dl) > 2 * n_slo + 64:  # forget finished multi-stage requests
-            live = set(s_rid)
-            for rid in [k for k in self._dl if k not in live]:
-                del self._dl[rid]
+        for cache, live in ((self._dl, s_rid), (self._pace, slo_dec)):
+            if len(cache) > 2 * n_slo + 64:  # forget finished requests
+                live = set(live)
+                for key in [k for k in cache if k not in live]:
+                    del cache[key]
         tight, seen = self._tight_ttft
-        pending_min = min((r.slo.ttft_s for r in (*waiting, *slo_pre) if not r.slo.best_effort), default=float("inf"))
         if pending_min <= tight or now - seen > cfg.ttft_memory_s:  # tighter, or the old one expired
             tight, seen = self._tight_ttft = (pending_min, now)
         t_cap = min(cfg.max_iter_s, cfg.ttft_frac * tight) if cfg.ttft_frac > 0 else cfg.max_iter_s
@@ -316,30 +353,32 @@ class UnifiedPolicy(Policy):
 
         # ---- per-request arrays: deadlines [n_slo], context [n_all], E [n_all, dm+1] --------
         all_rid = s_rid + b_rid
-        ctx_tok = _floats(s_ctx + b_ctx)
+        tok = _floats(s_ctx, b_ctx, s_left, b_left)
+        ctx_tok, left_tok = tok[:n_all], tok[n_all:]  # context tokens, output tokens left [n_all]
         context = int(ctx_tok.sum())
         t_floor = cost.iteration_time(0, n_all, 0, context)
         start = now + (self._t_running or t_floor)  # the planned iteration starts after the running one
-        slack = _floats(s_dl) - start  # to the paced deadline (tree floors)
-        hard = slack + _floats(s_bank)  # to the SLOs-Serve deadline (T_lim)
-        tpot = _floats(s_tpot)
+        paced = _floats(s_dl, s_bank, s_tpot)  # deadlines, banks, TPOTs [3 * n_slo], seconds
+        slack = paced[:n_slo] - start  # to the paced deadline (tree floors)
+        hard = slack + paced[n_slo:2 * n_slo]  # to the SLOs-Serve deadline (T_lim)
+        tpot = paced[2 * n_slo:]
         # exp[i, m-1]: expected committed tokens of an m-node chain (a wider tree does better)
         exp = self._rows.gather(acc, all_rid, dm, self._plans)
-        left_tok = _floats(s_left + b_left)
         reserved += int(np.trunc(np.minimum(left_tok, 4096.0) * ratio_kv).sum())  # == sum of int(min(rest, 4096) * r)
         m_max = np.minimum(np.maximum(left_tok, 1), dm + 1).astype(np.int64)  # no drafts past the output cap
 
         # ---- tree sizes: efficiency, floored by deadlines, cut until T_lim holds ----------
         steps_cost = cost.d_step_s * dm * cost.scale
         per_tok = (cost.k_tok_s + cost.k_knee_s + cost.k_dtok_s) * cost.scale  # s per verify token
-        m_eff = np.ones(n_all, dtype=np.int64)
         if dm and n_all and cfg.efficiency:
             fixed = cost.k_ctx_s * cost.scale * ctx_tok + (cost.base_s * cost.scale + steps_cost) / n_all  # [n_all]
-            fixed *= cfg.residency_weight
+            if cfg.residency_weight != 1.0:
+                fixed *= cfg.residency_weight
             sizes = np.arange(1, dm + 2, dtype=np.float64)
             ratio = exp / (fixed[:, None] + per_tok * sizes[None, :])
-            m_eff = ratio.argmax(axis=1) + 1
-        m_eff = np.minimum(m_eff, m_max)
+            m_eff = np.minimum(ratio.argmax(axis=1) + 1, m_max)
+        else:
+            m_eff = np.ones(n_all, dtype=np.int64)  # (m_max >= 1)
         t_guess = max(self._t_running, t_floor)
         a = self._need(slack, tpot, t_guess, exp[:n_slo], dm) if n_slo else np.empty(0)
         m_min = np.ones(n_all, dtype=np.int64)
@@ -350,7 +389,6 @@ class UnifiedPolicy(Policy):
         # decoders on their deadlines (A_i at that level's own length), then the most committed
         # tokens per second; a floor that no level reaches does not force a deeper tree.
         want = np.maximum(m_min, m_eff)
-        rows = np.arange(n_all)
         nodes, t_lim = _choose_level(cost, want, exp, slack, hard, tpot, context, t_floor, t_cap, cfg.margin, cfg.safety)
         m_min = np.minimum(m_min, nodes)
         decode_tokens = int(nodes.sum())
@@ -359,20 +397,23 @@ class UnifiedPolicy(Policy):
             level -= 1
             nodes = np.minimum(nodes, level)
             decode_tokens = int(nodes.sum())
-        steps = int(nodes.max(initial=1)) - 1
+        steps = level - 1  # the deepest tree's draft steps (max(nodes) == level)
         b_max = min(lim.max_batch_tokens, cost.max_tokens_within(t_lim, steps, context, decode_tokens - n_all))
         b_max = max(b_max, decode_tokens)
         # Urgent prefill may stretch the iteration past t_cap, as far as the decoders allow.
-        e_min = exp[rows[:n_slo], m_min[:n_slo] - 1]
+        e_min = exp[np.arange(n_slo), m_min[:n_slo] - 1]
         t_stretch = max(t_lim, self._t_limit(hard, tpot, e_min, t_floor, cfg.max_iter_s, cfg.safety))
-        b_stretch = min(lim.max_batch_tokens, cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all))
-        b_stretch = max(b_stretch, b_max)
+        if t_stretch > t_lim:
+            b_fit = cost.max_tokens_within(t_stretch, steps, context, decode_tokens - n_all)
+            b_stretch = max(min(lim.max_batch_tokens, b_fit), b_max)
+        else:  # no stretch: the same budget
+            b_stretch = b_max
 
         # ---- admission against TTFT deadlines (EDF + Moore-Hodgson) -----------------------
         decisions: list[protos.AdmissionDecision] = []
         if cfg.overload_shed:  # the costliest arrivals under overload: rejected on sight
             # distress: SLO decoders behind their deadlines, waiting requests past their TTFT
-            behind = int((hard < 0).sum()) + sum(1 for r in waiting if r.arrival_s + r.slo.ttft_s <= now)
+            behind = int((hard < 0).sum()) + past_ttft
             distress = behind / max(1, n_slo + len(waiting))
             shed = self._shed.decide(cost, acc, lim.max_depth if spec_on else 0, now, dec_all, distress)
             if shed:
@@ -489,7 +530,7 @@ class UnifiedPolicy(Policy):
             late = keep
         late_queue = []
         if cfg.best_effort:
-            late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=lambda r: r.seq)
+            late_queue = [r for r in be_pre if r.rid not in gone] + sorted(late, key=_seq_of)
             packing.kv_left = kv_left
             if not split:  # whole prompts that fit the forward (prefill_only.py)
                 room = prefill_only.best_effort_room(cost, lim.max_batch_tokens,
@@ -505,7 +546,8 @@ class UnifiedPolicy(Policy):
         # simulator) plan and run exactly as without it.
         arrival_tokens = 0
         chunked = {c.rid: c.tokens for c in packing.chunks}
-        known_waiting = len(waiting) > len(admitted_now) + sum(1 for r in late if r.rid in chunked) or any(
+        unplanned = len(waiting) - len(admitted_now)  # waiting, not admitted now: each one late and chunked?
+        known_waiting = unplanned > len(late) or unplanned > sum(1 for r in late if r.rid in chunked) or any(
             chunked.get(r.rid, 0) < r.prompt_tokens - r.prefilled for r in (*edf, *late_queue))
         if not known_waiting:
             if split:
@@ -521,18 +563,15 @@ class UnifiedPolicy(Policy):
         else:  # the next forward: the prefill alone if the plan has one, else the decode
             t_plan = cost.iteration_time(packing.used, 0, 0, 0) if packing.used else t_dec
         a_final = self._need(slack, tpot, t_plan, exp[:n_slo], dm) if n_slo else a
-        targets = np.concatenate((a_final, np.ones(n_all - n_slo)))
+        min_tokens = np.where(a_final > 1.0, a_final, 1.0).tolist() + [1.0] * (n_all - n_slo)  # >= 1
         if lim.depth_tiers:
             snapped = {m: snap_depth(m - 1, lim, spec_on) for m in set(nodes.tolist())}  # per distinct size
             depth = np.fromiter(map(snapped.__getitem__, nodes.tolist()), dtype=np.int64, count=n_all)
         else:
             depth = nodes - 1
         spec = depth > 0  # a depth-0 entry is the root alone: one node, width 1
-        decode = list(map(
-            protos.DecodeEntry, all_rid,
-            np.where(targets > 1.0, targets, 1.0).tolist(),  # min_tokens >= 1
-            np.where(spec, nodes, 1).tolist(), depth.tolist(), np.where(spec, w, 1).tolist(),
-        ))
+        decode = list(map(protos.DecodeEntry, all_rid, min_tokens, np.where(spec, nodes, 1).tolist(), depth.tolist(),
+                          np.where(spec, w, 1).tolist()))
         if gone:
             decode = [e for e in decode if e.rid not in gone]
         budget = covering_budget(packing.used + decode_tokens, decode, packing.chunks, lim.max_batch_tokens)
@@ -626,12 +665,13 @@ def _choose_level(cost, want: np.ndarray, exp: np.ndarray, slack: np.ndarray, ha
     decoders first, n_slo = len(slack)); exp: [n_all, D+1] expected committed tokens of
     1..D+1 nodes; slack, hard, tpot: [n_slo] seconds."""
     n_all, n_slo = len(want), len(slack)
-    levels = np.arange(int(want.max(initial=1)), 0, -1)  # [L], deepest first
+    top = int(want.max(initial=1))
+    levels = np.arange(top, 0, -1)  # [L], deepest first
     cand = np.minimum(want[None, :], levels[:, None])  # [L, n_all] nodes per request at each level
     totals = cand.sum(axis=1).tolist()  # [L] verify tokens; the deepest tree has `level` nodes
-    t_c = [cost.iteration_time(0, tot, lv - 1, context, tot - n_all) for tot, lv in zip(totals, levels.tolist())]
+    t_c = [cost.iteration_time(0, tot, lv - 1, context, tot - n_all) for tot, lv in zip(totals, range(top, 0, -1))]
     # got[l, i] = exp[i, cand[l, i] - 1]: one take from the flattened rows
-    row_m0 = np.arange(n_all) * exp.shape[1] - 1  # [n_all]
+    row_m0 = np.arange(-1, n_all * exp.shape[1] - 1, exp.shape[1])  # [n_all] i * (D+1) - 1
     got = exp.reshape(-1).take(row_m0 + cand)  # [L, n_all] expected committed tokens
     e = got[:, :n_slo]  # [L, n_slo]
     t_col = np.array(t_c)[:, None]  # [L, 1] seconds
@@ -649,9 +689,10 @@ def _choose_level(cost, want: np.ndarray, exp: np.ndarray, slack: np.ndarray, ha
     return cand[pick], t_l[pick]
 
 
-def _floats(xs: list) -> np.ndarray:
-    """A list of numbers as a float64 array (np.fromiter: cheaper than np.array on long lists)."""
-    return np.fromiter(xs, dtype=np.float64, count=len(xs))
+def _floats(*lists: list) -> np.ndarray:
+    """Lists of numbers, concatenated, as one float64 array (np.fromiter: cheaper than np.array
+    on long lists, and one call for several columns)."""
+    return np.fromiter(chain(*lists), dtype=np.float64, count=sum(map(len, lists)))
 
 
 def _kv_footprint(r) -> float:
@@ -667,11 +708,13 @@ def _prefill_room(cost, room: int, b_max: int, decode: int, steps: int, context:
     if room <= 0:
         return 0
     target = cost.iteration_time(0, b_max, steps, context, decode - n_all)
+    t_dec = None  # the iteration without prefill, seconds (computed once, when first needed)
     for _ in range(4):
         t = cost.iteration_time(room, decode, steps, context, decode - n_all)
         if t <= target * 1.001:
             break
-        t_dec = cost.iteration_time(0, decode, steps, context, decode - n_all)
+        if t_dec is None:
+            t_dec = cost.iteration_time(0, decode, steps, context, decode - n_all)
         room = int(room * max(0.0, target - t_dec) / max(1e-9, t - t_dec))
     return max(0, room)
 
