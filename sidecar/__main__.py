@@ -52,6 +52,15 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def pin_to(cpus: str) -> None:
+    """Pin this process to the comma-separated CPU list `cpus` (ValueError if it cannot be)."""
+    try:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--cpus {cpus!r}: {getattr(e, 'strerror', None) or e} "
+                         f"(CPUs this process may use: {sorted(os.sched_getaffinity(0))})") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.steady_skips < 0:
             raise ValueError("--steady-skips must be >= 0")
         if args.cpus:  # before PlannerProc: the ZMQ context's I/O thread inherits the mask
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-    except (ValueError, TypeError, OSError) as e:
+            pin_to(args.cpus)
+    except (ValueError, TypeError) as e:
         print(f"sidecar: {e}", file=sys.stderr)
         return 2
     if args.nice > 0:

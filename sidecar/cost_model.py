@@ -121,7 +121,7 @@ class CostModel:
     """Refit from the window after this many new observations (0 = never)."""
     _samples: deque = field(default_factory=lambda: deque(maxlen=512), repr=False)
     _since_refit: int = field(default=0, repr=False)
-    _refit_job: Iterator[None] | None = field(default=None, repr=False)
+    _refit_job: Iterator[None] | None = field(default=None, init=False, repr=False, compare=False)
     """A deferred refit in progress (`refit_step`): one knee candidate per step."""
 
     def __post_init__(self):
@@ -147,14 +147,10 @@ class CostModel:
         (`estimate_requests`)."""
         n = prefill_tokens + verify_tokens
         over = n - self.knee_tokens
-        if requests is None or spec_requests is None:  # estimate_requests, inlined (planner hot path)
-            decodes = verify_tokens - draft_tokens
-            if not decodes > 0.0:
-                decodes = 0.0
-            if requests is None:
-                requests = decodes + (1.0 if prefill_tokens > 0 else 0.0)
-            if spec_requests is None:
-                spec_requests = min(decodes, draft_tokens) if draft_steps > 0 and draft_tokens > 0 else 0.0
+        if requests is None or spec_requests is None:
+            est_req, est_spec = estimate_requests(prefill_tokens, verify_tokens, draft_steps, draft_tokens)
+            requests = est_req if requests is None else requests
+            spec_requests = est_spec if spec_requests is None else spec_requests
         t = (
             self.base_s
             + self.k_tok_s * n
@@ -243,8 +239,8 @@ class CostModel:
         return True
 
     def refit_step(self) -> bool:
-        """One slice of a due windowed refit: one knee candidate (~0.1-0.2 ms), so a full refit
-        (~4 ms over ~25 knees) never holds the sidecar's loop past the next report; the fit
+        """One slice of a due windowed refit: one knee candidate (0.2-0.6 ms on the 2-core test
+        box), so a full refit (~25 knees, 3.7-9 ms) never holds the sidecar's loop; the fit
         is of the window as it was when the refit started and lands at its last slice.
         Returns True while a refit is in progress."""
         if self._refit_job is None:

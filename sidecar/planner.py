@@ -17,12 +17,11 @@ from protos import messages as protos
 from sidecar.acceptance import AcceptanceModel
 from sidecar.cost_model import CostModel, EngineLimits, HardwareProfile, load_profile
 from sidecar.policies.base import PlanContext, Policy, make_policy
-from sidecar.state import PlannerState, ReqState
+from sidecar.state import ADMITTED, PlannerState, ReqState
 
 log = logging.getLogger(__name__)
 
 Decision = protos.Decision
-_ADMITTED = (Decision.ADMIT, Decision.BEST_EFFORT)
 _rid_of = attrgetter("rid")
 _cap_of = attrgetter("tree_cap")
 _depth_of = attrgetter("depth")
@@ -185,7 +184,7 @@ class Planner:
         for plan in self._inflight:
             for c in plan.prefill:
                 req = find(c.rid)
-                if req is not None and req.decision in _ADMITTED:
+                if req is not None and req.decision in ADMITTED:
                     n = min(c.tokens, req.prompt_tokens - req.prefilled)
                     if n > 0:
                         req.prefilled += n

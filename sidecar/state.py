@@ -20,8 +20,9 @@ from protos import messages as protos
 from sidecar.cost_model import EngineLimits
 
 Decision = protos.Decision
-_ADMITTED = (Decision.ADMIT, Decision.BEST_EFFORT)
-_NOT_WAITING = (*_ADMITTED, Decision.REJECT)
+ADMITTED = (Decision.ADMIT, Decision.BEST_EFFORT)
+"""Decisions under which a request holds (or is getting) KV and runs."""
+_NOT_WAITING = (*ADMITTED, Decision.REJECT)
 
 
 @dataclass(slots=True, eq=False)
@@ -89,7 +90,7 @@ class ReqState:
     @property
     def is_admitted(self) -> bool:
         """Admitted (holds or will hold KV) under an SLO or best effort."""
-        return self.decision in _ADMITTED
+        return self.decision in ADMITTED
 
     @property
     def is_prefilled(self) -> bool:
@@ -98,11 +99,11 @@ class ReqState:
     @property
     def is_decoding(self) -> bool:
         """Admitted and fully prefilled: needs a decode entry in every plan."""
-        return self.prefilled >= self.prompt_tokens and self.decision in _ADMITTED
+        return self.prefilled >= self.prompt_tokens and self.decision in ADMITTED
 
     @property
     def is_waiting(self) -> bool:
-        return self.decision not in _ADMITTED
+        return self.decision not in ADMITTED
 
     @property
     def remaining_decode(self) -> int:
@@ -210,7 +211,7 @@ class ReqState:
             self.stage = stage
         decoded_now = p.verified > 0 or decoded > self.decoded
         if decoded_now or p.prefill_tokens > 0:  # it ran this iteration
-            if self.decision not in _ADMITTED:
+            if self.decision not in ADMITTED:
                 self.decision = Decision.ADMIT  # the engine runs it (e.g. its fallback policy)
             if decoded_now and self.prompt_tokens != self.input_tokens:
                 self.prompt_tokens = self.input_tokens  # recompute finished: it decodes again
@@ -262,12 +263,12 @@ class PlannerState:
 
     def running(self) -> list[ReqState]:
         """Admitted requests, arrival order (prefilling or decoding)."""
-        return [r for r in self.requests.values() if r.decision in _ADMITTED]
+        return [r for r in self.requests.values() if r.decision in ADMITTED]
 
     def decoding(self) -> list[ReqState]:
         """Admitted, fully prefilled requests: each needs a decode entry."""
         return [
-            r for r in self.requests.values() if r.decision in _ADMITTED and r.prefilled >= r.prompt_tokens
+            r for r in self.requests.values() if r.decision in ADMITTED and r.prefilled >= r.prompt_tokens
         ]
 
     def waiting(self) -> list[ReqState]:
@@ -277,7 +278,7 @@ class PlannerState:
     @property
     def kv_reserved_tokens(self) -> int:
         """KV the engine has not yet allocated for admitted requests whose prefill is pending."""
-        return sum(r.remaining_prefill for r in self.requests.values() if r.decision in _ADMITTED)
+        return sum(r.remaining_prefill for r in self.requests.values() if r.decision in ADMITTED)
 
     def kv_available(self, new_token_ratio: float, decode_clip: int = 4096) -> int:
         """KV slots left for new admissions: free slots minus what admitted requests still

@@ -546,7 +546,9 @@ class UnifiedPolicy(Policy):
         # simulator) plan and run exactly as without it.
         arrival_tokens = 0
         chunked = {c.rid: c.tokens for c in packing.chunks}
-        unplanned = len(waiting) - len(admitted_now)  # waiting, not admitted now: each one late and chunked?
+        # A waiting request not admitted now still waits unless it is late and chunked (best
+        # effort); more of them than late ones settles it without counting the chunked ones.
+        unplanned = len(waiting) - len(admitted_now)
         known_waiting = unplanned > len(late) or unplanned > sum(1 for r in late if r.rid in chunked) or any(
             chunked.get(r.rid, 0) < r.prompt_tokens - r.prefilled for r in (*edf, *late_queue))
         if not known_waiting:
